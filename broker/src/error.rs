@@ -1,0 +1,110 @@
+//! Errors a client sees: a stable [`ErrorCode`] plus a sentence, mapped to a gRPC status in one place.
+
+use flotilla_proto::broker::ErrorCode;
+use tonic::{Code, Status};
+
+/// Metadata key carrying the numeric [`ErrorCode`] of a failed call.
+pub const ERROR_CODE_KEY: &str = "flotilla-error";
+/// Metadata key carrying the address of the current leader, when a request reached another node.
+pub const LEADER_KEY: &str = "flotilla-leader";
+
+/// A request that failed, with what the client needs to act on it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct BrokerError {
+    pub code: ErrorCode,
+    pub message: String,
+    /// Where the leader is, for `NotLeader`.
+    pub leader: Option<String>,
+}
+
+impl BrokerError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into(), leader: None }
+    }
+
+    pub fn not_leader(what: &str, leader: Option<String>) -> Self {
+        let message = match &leader {
+            Some(addr) => format!("this node does not lead {what}; the leader is at {addr}"),
+            None => format!("{what} has no leader right now; retry shortly"),
+        };
+        let code = if leader.is_some() { ErrorCode::NotLeader } else { ErrorCode::LeaderNotAvailable };
+        Self { code, message, leader }
+    }
+
+    pub fn storage(e: impl std::fmt::Display) -> Self {
+        Self::new(ErrorCode::StorageError, format!("storage failure: {e}"))
+    }
+
+    fn grpc_code(&self) -> Code {
+        match self.code {
+            ErrorCode::UnknownTopic | ErrorCode::UnknownPartition => Code::NotFound,
+            ErrorCode::TopicExists => Code::AlreadyExists,
+            ErrorCode::InvalidTopicName
+            | ErrorCode::InvalidPartitions
+            | ErrorCode::InvalidReplicationFactor
+            | ErrorCode::RecordTooLarge
+            | ErrorCode::EmptyBatch
+            | ErrorCode::InvalidConfig
+            | ErrorCode::InvalidRequest => Code::InvalidArgument,
+            ErrorCode::OffsetOutOfRange => Code::OutOfRange,
+            ErrorCode::NotEnoughReplicas => Code::FailedPrecondition,
+            ErrorCode::NotLeader | ErrorCode::LeaderNotAvailable | ErrorCode::ClusterNotReady => Code::Unavailable,
+            ErrorCode::Timeout => Code::DeadlineExceeded,
+            ErrorCode::StorageError | ErrorCode::Unspecified => Code::Internal,
+        }
+    }
+
+    /// Reads a broker error back from a status (client side). Statuses without our metadata become
+    /// `Unspecified` with the status message.
+    pub fn from_status(status: &Status) -> Self {
+        let code = status
+            .metadata()
+            .get(ERROR_CODE_KEY)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i32>().ok())
+            .and_then(|v| ErrorCode::try_from(v).ok())
+            .unwrap_or_else(|| match status.code() {
+                // A failed connection attempt sent nothing: safe to retry elsewhere.
+                Code::Unavailable if status.message().contains("connect") => ErrorCode::LeaderNotAvailable,
+                // Anything else without our code (a connection lost mid-request, a deadline) may have
+                // been applied: the outcome is unknown, and retrying could write twice.
+                Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => ErrorCode::Timeout,
+                _ => ErrorCode::Unspecified,
+            });
+        let leader = status.metadata().get(LEADER_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        Self { code, message: status.message().to_owned(), leader }
+    }
+}
+
+impl From<BrokerError> for Status {
+    fn from(e: BrokerError) -> Status {
+        let mut status = Status::new(e.grpc_code(), e.message.clone());
+        if let Ok(v) = (e.code as i32).to_string().parse() {
+            status.metadata_mut().insert(ERROR_CODE_KEY, v);
+        }
+        if let Some(v) = e.leader.as_deref().and_then(|l| l.parse().ok()) {
+            status.metadata_mut().insert(LEADER_KEY, v);
+        }
+        status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_survive_the_trip_through_a_status() {
+        let e = BrokerError::not_leader("partition orders/3", Some("127.0.0.1:9402".into()));
+        let status = Status::from(e.clone());
+        assert_eq!(status.code(), Code::Unavailable);
+        let back = BrokerError::from_status(&status);
+        assert_eq!(back.code, ErrorCode::NotLeader);
+        assert_eq!(back.leader.as_deref(), Some("127.0.0.1:9402"));
+        assert_eq!(back.message, e.message);
+        let status = Status::from(BrokerError::new(ErrorCode::UnknownTopic, "unknown topic \"x\""));
+        assert_eq!(status.code(), Code::NotFound);
+        assert_eq!(BrokerError::from_status(&status).code, ErrorCode::UnknownTopic);
+    }
+}

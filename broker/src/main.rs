@@ -1,0 +1,94 @@
+//! `flotilla-broker`: runs one broker node. Settings come from flags, then `FLOTILLA_*` environment
+//! variables, then the TOML file given by `--config`, in that order of precedence.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use flotilla_broker::broker::{BrokerConfig, parse_initial_cluster};
+use flotilla_raft_store::node::RaftTiming;
+
+#[derive(Parser, Debug)]
+#[command(name = "flotilla-broker", version, about = "A Flotilla broker node")]
+struct Args {
+    /// A TOML file with any of: node_id, data_dir, listen, initial_cluster, log_format, metrics_listen.
+    #[arg(long, env = "FLOTILLA_CONFIG")]
+    config: Option<PathBuf>,
+    /// This node's id (>= 1, listed in --initial-cluster, never reused).
+    #[arg(long, env = "FLOTILLA_NODE_ID")]
+    node_id: Option<u64>,
+    /// Where this node keeps its data.
+    #[arg(long, env = "FLOTILLA_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address serving clients, admin and Raft.
+    #[arg(long, env = "FLOTILLA_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Every initial node: ID=HOST:PORT,...
+    #[arg(long, env = "FLOTILLA_INITIAL_CLUSTER")]
+    initial_cluster: Option<String>,
+    /// Log format: text or json.
+    #[arg(long, env = "FLOTILLA_LOG_FORMAT")]
+    log_format: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, env = "FLOTILLA_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+}
+
+/// The `--config` file.
+#[derive(serde::Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    node_id: Option<u64>,
+    data_dir: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    initial_cluster: Option<String>,
+    log_format: Option<String>,
+    metrics_listen: Option<SocketAddr>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let file: FileConfig = match &args.config {
+        None => FileConfig::default(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?
+        }
+    };
+    let log_format = args.log_format.or(file.log_format).unwrap_or_else(|| "text".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    match log_format.as_str() {
+        "json" => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
+        "text" => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        other => anyhow::bail!("log format {other:?} is neither text nor json"),
+    }
+    let missing = |what: &str| {
+        format!("--{what} is required (or FLOTILLA_{}, or {what} in --config)", what.to_uppercase().replace('-', "_"))
+    };
+    let config = BrokerConfig {
+        node_id: args.node_id.or(file.node_id).with_context(|| missing("node-id"))?,
+        data_dir: args.data_dir.or(file.data_dir).with_context(|| missing("data-dir"))?,
+        listen: args.listen.or(file.listen).with_context(|| missing("listen"))?,
+        initial_cluster: parse_initial_cluster(
+            &args.initial_cluster.or(file.initial_cluster).with_context(|| missing("initial-cluster"))?,
+        )?,
+        timing: RaftTiming::default(),
+        metrics_listen: args.metrics_listen.or(file.metrics_listen),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(flotilla_broker::server::run(config, shutdown_signal()))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return ctrl_c.await.unwrap_or(()),
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,63 @@
+//! Serves the client API and the Raft transport on the broker's one listen address until shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tonic::transport::server::TcpIncoming;
+
+use crate::broker::{Broker, BrokerConfig};
+use crate::service::FlotillaService;
+
+/// How long in-flight requests get to finish once shutdown starts. Peer connections carrying Raft
+/// streams never drain by themselves, so the wait must be bounded.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Runs a broker until `shutdown` resolves, then stops every group and the server.
+pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| {
+        format!("cannot listen on {} (is node {} already running there?)", config.listen, config.node_id)
+    })?;
+    if let Some(addr) = config.metrics_listen {
+        crate::metrics::install(addr)?;
+    }
+    let broker = Broker::open(config).await?;
+    tracing::info!(node = broker.config.node_id, listen = %broker.config.listen, "broker started");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let reconciler = tokio::spawn(broker.clone().run_reconciler(stop_rx.clone()));
+    let balancer = tokio::spawn(crate::balancer::run(broker.clone(), stop_rx.clone()));
+    let collector = tokio::spawn(crate::metrics::run_collector(broker.clone(), stop_rx));
+    let (server_stop_tx, server_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let server = tonic::transport::Server::builder()
+        .add_service(broker.node.transport_service())
+        .add_service(FlotillaService::new(Arc::clone(&broker)).into_server())
+        .serve_with_incoming_shutdown(incoming, async {
+            let _ = server_stop_rx.await;
+        });
+    tokio::pin!(server);
+    let served = tokio::select! {
+        r = &mut server => r,
+        _ = shutdown => {
+            tracing::info!(node = broker.config.node_id, "shutting down");
+            let _ = stop_tx.send(true);
+            let _ = reconciler.await;
+            let _ = balancer.await;
+            let _ = collector.await;
+            // Stopping the groups first ends the Raft streams that keep peer connections open.
+            broker.node.shutdown().await;
+            let _ = server_stop_tx.send(());
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; closing them");
+                    Ok(())
+                }
+            }
+        }
+    };
+    broker.node.shutdown().await;
+    tracing::info!(node = broker.config.node_id, "broker stopped");
+    served.context("the gRPC server failed")
+}

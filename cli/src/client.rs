@@ -1,0 +1,291 @@
+//! [`Client`]: talks to a Flotilla cluster through any of its brokers.
+//!
+//! Partition requests go straight to the partition's leader, learned from metadata and from the leader
+//! hints of `NOT_LEADER` errors; stale knowledge heals itself on the next error. Retriable errors
+//! (no leader yet, leader moved, node unreachable) are retried with exponential backoff until the
+//! request's deadline.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use flotilla_broker::error::BrokerError;
+use flotilla_broker::partitioner::partition_for_key;
+use flotilla_broker::peers::Peers;
+use flotilla_proto::broker as pb;
+use flotilla_proto::broker::ErrorCode;
+use flotilla_proto::broker::flotilla_client::FlotillaClient;
+use tonic::transport::Channel;
+
+/// How long a request keeps retrying retriable errors.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
+const BACKOFF_FIRST: Duration = Duration::from_millis(20);
+const BACKOFF_MAX: Duration = Duration::from_millis(1000);
+
+pub type Error = BrokerError;
+
+fn retriable(e: &BrokerError) -> bool {
+    matches!(e.code, ErrorCode::NotLeader | ErrorCode::LeaderNotAvailable | ErrorCode::ClusterNotReady)
+}
+
+/// A client of one cluster.
+pub struct Client {
+    bootstrap: Vec<String>,
+    peers: Peers,
+    /// (topic, partition) -> leader address.
+    leaders: Mutex<HashMap<(String, u32), String>>,
+    /// topic -> partition count.
+    partitions: Mutex<HashMap<String, u32>>,
+    sticky: AtomicU32,
+}
+
+impl Client {
+    /// A client that reaches the cluster through `bootstrap` (HOST:PORT of any brokers).
+    pub fn new(bootstrap: Vec<String>) -> Self {
+        Self {
+            bootstrap,
+            peers: Peers::default(),
+            leaders: Mutex::new(HashMap::new()),
+            partitions: Mutex::new(HashMap::new()),
+            sticky: AtomicU32::new(0),
+        }
+    }
+
+    fn channel(&self, addr: &str) -> Result<FlotillaClient<Channel>, BrokerError> {
+        self.peers.client(addr).map_err(|e| BrokerError::new(ErrorCode::InvalidRequest, e))
+    }
+
+    /// Runs `call` against `addr` (or a bootstrap broker), retrying retriable failures with backoff and
+    /// following leader hints.
+    async fn retrying<T, F, Fut>(
+        &self,
+        key: Option<(&str, u32)>,
+        first: Option<String>,
+        mut call: F,
+    ) -> Result<T, BrokerError>
+    where
+        F: FnMut(FlotillaClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let deadline = tokio::time::Instant::now() + REQUEST_DEADLINE;
+        let mut backoff = BACKOFF_FIRST;
+        let mut target = first;
+        let mut attempt = 0usize;
+        loop {
+            let addr = match target.take() {
+                Some(a) => a,
+                None => match self.bootstrap.get(attempt % self.bootstrap.len().max(1)) {
+                    Some(a) => a.clone(),
+                    None => return Err(BrokerError::new(ErrorCode::InvalidRequest, "no bootstrap broker given")),
+                },
+            };
+            attempt += 1;
+            let err = match call(self.channel(&addr)?).await {
+                Ok(v) => return Ok(v),
+                Err(status) => BrokerError::from_status(&status),
+            };
+            if !retriable(&err) || tokio::time::Instant::now() + backoff > deadline {
+                return Err(err);
+            }
+            if let Some((topic, partition)) = key {
+                // Remember where the leader is (or forget a leader that stopped answering).
+                let mut leaders = self.leaders.lock().unwrap_or_else(|p| p.into_inner());
+                match &err.leader {
+                    Some(hint) => leaders.insert((topic.to_owned(), partition), hint.clone()),
+                    None => leaders.remove(&(topic.to_owned(), partition)),
+                };
+            }
+            if err.code == ErrorCode::NotLeader {
+                // Go where the hint says, at once.
+                target = err.leader.clone();
+                if target.is_some() {
+                    continue;
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// Cluster metadata, and a refresh of the leader cache.
+    pub async fn metadata(&self) -> Result<pb::MetadataResponse, BrokerError> {
+        let md = self
+            .retrying(None, None, |mut c| async move {
+                c.metadata(pb::MetadataRequest { forwarded: false }).await.map(|r| r.into_inner())
+            })
+            .await?;
+        let addrs: HashMap<u64, String> = md.nodes.iter().map(|n| (n.node_id, n.addr.clone())).collect();
+        let mut leaders = self.leaders.lock().unwrap_or_else(|p| p.into_inner());
+        let mut partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+        for t in &md.topics {
+            partitions.insert(t.name.clone(), t.partitions.len() as u32);
+            for p in &t.partitions {
+                if let Some(addr) = addrs.get(&p.leader) {
+                    leaders.insert((t.name.clone(), p.partition), addr.clone());
+                }
+            }
+        }
+        Ok(md)
+    }
+
+    fn cached_leader(&self, topic: &str, partition: u32) -> Option<String> {
+        self.leaders.lock().unwrap_or_else(|p| p.into_inner()).get(&(topic.to_owned(), partition)).cloned()
+    }
+
+    /// The partition's leader: from the cache, else from fresh metadata (None if still unknown).
+    async fn leader_of(&self, topic: &str, partition: u32) -> Option<String> {
+        if let Some(addr) = self.cached_leader(topic, partition) {
+            return Some(addr);
+        }
+        let _ = self.metadata().await;
+        self.cached_leader(topic, partition)
+    }
+
+    async fn partition_count(&self, topic: &str) -> Result<u32, BrokerError> {
+        if let Some(n) = self.partitions.lock().unwrap_or_else(|p| p.into_inner()).get(topic) {
+            return Ok(*n);
+        }
+        let info = self.describe_topic(topic).await?;
+        let n = info.partitions.len() as u32;
+        self.partitions.lock().unwrap_or_else(|p| p.into_inner()).insert(topic.to_owned(), n);
+        Ok(n)
+    }
+
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        replication_factor: u32,
+        configs: Vec<(String, String)>,
+    ) -> Result<pb::TopicInfo, BrokerError> {
+        let req = pb::CreateTopicRequest {
+            name: name.to_owned(),
+            partitions,
+            replication_factor,
+            configs: configs.into_iter().map(|(key, value)| pb::TopicConfig { key, value }).collect(),
+        };
+        let resp = self
+            .retrying(None, None, |mut c| {
+                let req = req.clone();
+                async move { c.create_topic(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        resp.topic.ok_or_else(|| BrokerError::new(ErrorCode::Unspecified, "the broker returned no topic"))
+    }
+
+    pub async fn delete_topic(&self, name: &str) -> Result<(), BrokerError> {
+        let req = pb::DeleteTopicRequest { name: name.to_owned() };
+        self.retrying(None, None, |mut c| {
+            let req = req.clone();
+            async move { c.delete_topic(req).await.map(|_| ()) }
+        })
+        .await
+    }
+
+    pub async fn list_topics(&self) -> Result<Vec<pb::TopicInfo>, BrokerError> {
+        self.retrying(None, None, |mut c| async move {
+            c.list_topics(pb::ListTopicsRequest {}).await.map(|r| r.into_inner().topics)
+        })
+        .await
+    }
+
+    pub async fn describe_topic(&self, name: &str) -> Result<pb::TopicInfo, BrokerError> {
+        let req = pb::DescribeTopicRequest { name: name.to_owned(), forwarded: false };
+        self.retrying(None, None, |mut c| {
+            let req = req.clone();
+            async move { c.describe_topic(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    /// Produces `records` to one partition: `partition`, else murmur2 of the first record's key, else a
+    /// sticky round-robin choice. Returns the acknowledgement (base offset of the first record).
+    pub async fn produce(
+        &self,
+        topic: &str,
+        partition: Option<u32>,
+        records: Vec<pb::Record>,
+    ) -> Result<pb::PartitionAck, BrokerError> {
+        let n = self.partition_count(topic).await?;
+        let partition = match (partition, records.first().and_then(|r| r.key.as_ref())) {
+            (Some(p), _) => p,
+            (None, Some(key)) => partition_for_key(key, n),
+            (None, None) => self.sticky.fetch_add(1, Ordering::Relaxed) % n.max(1),
+        };
+        let req = pb::ProduceRequest { topic: topic.to_owned(), partition: Some(partition), records, forwarded: false };
+        let leader = self.leader_of(topic, partition).await;
+        let resp = self
+            .retrying(Some((topic, partition)), leader, |mut c| {
+                let req = req.clone();
+                async move { c.produce(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        resp.acks.into_iter().next().ok_or_else(|| BrokerError::new(ErrorCode::Unspecified, "no acknowledgement"))
+    }
+
+    /// Records of one partition from `offset`, waiting up to `max_wait_ms` when there are none yet.
+    pub async fn fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_bytes: u32,
+        max_wait_ms: u32,
+    ) -> Result<pb::FetchResponse, BrokerError> {
+        let req =
+            pb::FetchRequest { topic: topic.to_owned(), partition, offset, max_bytes, max_wait_ms, forwarded: false };
+        let leader = self.leader_of(topic, partition).await;
+        self.retrying(Some((topic, partition)), leader, |mut c| {
+            let req = req.clone();
+            async move { c.fetch(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    /// A stream of the records of one partition from `offset` on, pushed by its leader as they commit.
+    /// The stream ends with an error when leadership moves; subscribe again from the next offset.
+    pub async fn subscribe(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<tonic::Streaming<pb::FetchResponse>, BrokerError> {
+        let req = pb::FetchRequest {
+            topic: topic.to_owned(),
+            partition,
+            offset,
+            max_bytes: 0,
+            max_wait_ms: 0,
+            forwarded: false,
+        };
+        let leader = self.leader_of(topic, partition).await;
+        self.retrying(Some((topic, partition)), leader, |mut c| {
+            let req = req.clone();
+            async move { c.subscribe(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn list_offsets(
+        &self,
+        topic: &str,
+        partition: u32,
+        spec: pb::OffsetSpec,
+        timestamp_ms: i64,
+    ) -> Result<u64, BrokerError> {
+        let req = pb::ListOffsetsRequest {
+            topic: topic.to_owned(),
+            partition,
+            spec: spec as i32,
+            timestamp_ms,
+            forwarded: false,
+        };
+        let leader = self.leader_of(topic, partition).await;
+        self.retrying(Some((topic, partition)), leader, |mut c| {
+            let req = req.clone();
+            async move { c.list_offsets(req).await.map(|r| r.into_inner().offset) }
+        })
+        .await
+    }
+}

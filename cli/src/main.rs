@@ -1,0 +1,552 @@
+//! `flotilla`: the command-line interface of a Flotilla cluster.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
+use flotilla_cli::client::Client;
+use flotilla_proto::broker as pb;
+use serde_json::json;
+
+#[derive(Parser, Debug)]
+#[command(name = "flotilla", version, about = "Manage and use a Flotilla cluster")]
+struct Cli {
+    /// Brokers to reach the cluster through: HOST:PORT[,...]
+    #[arg(long, global = true, env = "FLOTILLA_BOOTSTRAP", default_value = "127.0.0.1:9401")]
+    bootstrap: String,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value = "table")]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a local cluster of broker processes in the foreground (Ctrl-C stops it; data is kept).
+    Dev {
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
+        #[arg(long, default_value = "./flotilla-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value_t = 9401)]
+        base_port: u16,
+    },
+    /// Cluster-wide views.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+    /// Manage topics.
+    Topic {
+        #[command(subcommand)]
+        command: TopicCommand,
+    },
+    /// Produce VALUE, or one record per line of standard input.
+    Produce {
+        topic: String,
+        value: Option<String>,
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        partition: Option<u32>,
+        /// A record header k=v (repeatable).
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        /// Produce a tombstone (no value).
+        #[arg(long)]
+        null: bool,
+    },
+    /// Measure throughput and latency (figures are printed, never asserted).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+    /// Print records.
+    Consume {
+        topic: String,
+        #[arg(long)]
+        partition: Option<u32>,
+        /// earliest, latest, an offset, or @TIMESTAMP_MS.
+        #[arg(long, default_value = "earliest")]
+        from: String,
+        /// Stop after this many records.
+        #[arg(long)]
+        max: Option<u64>,
+        /// Keep waiting for new records.
+        #[arg(long)]
+        follow: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Produce load: records of --message-bytes, --producers x --in-flight requests outstanding.
+    Produce {
+        #[arg(long, default_value = "bench")]
+        topic: String,
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
+        #[arg(long, default_value_t = 3)]
+        replication_factor: u32,
+        #[arg(long, default_value_t = 1024)]
+        message_bytes: usize,
+        #[arg(long, default_value_t = 1)]
+        producers: u32,
+        /// Requests outstanding per producer.
+        #[arg(long, default_value_t = 1)]
+        in_flight: u32,
+        /// Bytes per request (a batching producer); default one record per request.
+        #[arg(long)]
+        batch_bytes: Option<usize>,
+        /// Fixed aggregate records per second (latency from the intended send time).
+        #[arg(long)]
+        rate: Option<u64>,
+        /// Measured seconds.
+        #[arg(long, default_value_t = 15)]
+        duration: u64,
+        /// Warm-up seconds, not measured.
+        #[arg(long, default_value_t = 2)]
+        warmup: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Nodes, controller leader and leaderships.
+    Status,
+}
+
+#[derive(Subcommand, Debug)]
+enum TopicCommand {
+    Create {
+        name: String,
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
+        #[arg(long, default_value_t = 3)]
+        replication_factor: u32,
+        /// A topic config k=v (repeatable): retention.ms, retention.bytes, max.message.bytes, cleanup.policy.
+        #[arg(long = "config")]
+        configs: Vec<String>,
+    },
+    List,
+    Describe {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+fn key_value(s: &str) -> anyhow::Result<(String, String)> {
+    let (k, v) = s.split_once('=').with_context(|| format!("{s:?} is not KEY=VALUE"))?;
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+fn text(b: &Option<Bytes>) -> serde_json::Value {
+    match b {
+        None => serde_json::Value::Null,
+        Some(b) => json!(String::from_utf8_lossy(b)),
+    }
+}
+
+fn topic_json(t: &pb::TopicInfo) -> serde_json::Value {
+    json!({
+        "name": t.name,
+        "topic_id": t.topic_id,
+        "replication_factor": t.replication_factor,
+        "configs": t.configs.iter().map(|c| (c.key.clone(), json!(c.value))).collect::<serde_json::Map<_, _>>(),
+        "partitions": t.partitions.iter().map(|p| json!({
+            "partition": p.partition,
+            "leader": p.leader,
+            "replicas": p.replicas,
+            "in_sync": p.in_sync,
+            "log_start_offset": p.log_start_offset,
+            "high_watermark": p.high_watermark,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_topic(t: &pb::TopicInfo, output: Output) {
+    match output {
+        Output::Json => println!("{}", topic_json(t)),
+        Output::Table => {
+            let configs: Vec<String> = t.configs.iter().map(|c| format!("{}={}", c.key, c.value)).collect();
+            println!(
+                "topic {} (id {}, replication factor {}) {}",
+                t.name,
+                t.topic_id,
+                t.replication_factor,
+                configs.join(" ")
+            );
+            println!(
+                "{:>9}  {:>6}  {:<12}  {:<12}  {:>10}  {:>14}",
+                "PARTITION", "LEADER", "REPLICAS", "IN-SYNC", "START", "HIGH-WATERMARK"
+            );
+            for p in &t.partitions {
+                let list = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+                let leader = if p.leader == 0 { "-".to_owned() } else { p.leader.to_string() };
+                println!(
+                    "{:>9}  {:>6}  {:<12}  {:<12}  {:>10}  {:>14}",
+                    p.partition,
+                    leader,
+                    list(&p.replicas),
+                    list(&p.in_sync),
+                    p.log_start_offset,
+                    p.high_watermark
+                );
+            }
+        }
+    }
+}
+
+fn print_record(partition: u32, r: &pb::FetchedRecord, output: Output) {
+    match output {
+        Output::Json => {
+            let headers: serde_json::Map<String, serde_json::Value> =
+                r.headers.iter().map(|h| (h.key.clone(), text(&h.value))).collect();
+            println!(
+                "{}",
+                json!({
+                    "partition": partition,
+                    "offset": r.offset,
+                    "timestamp_ms": r.timestamp_ms,
+                    "key": text(&r.key),
+                    "value": text(&r.value),
+                    "headers": headers,
+                })
+            );
+        }
+        Output::Table => {
+            let show =
+                |b: &Option<Bytes>| b.as_ref().map_or("null".to_owned(), |b| String::from_utf8_lossy(b).into_owned());
+            let headers: Vec<String> = r.headers.iter().map(|h| format!("{}={}", h.key, show(&h.value))).collect();
+            println!(
+                "{partition}\t{}\t{}\t{}\t{}\t{}",
+                r.offset,
+                r.timestamp_ms,
+                show(&r.key),
+                show(&r.value),
+                headers.join(",")
+            );
+        }
+    }
+}
+
+async fn consume(
+    client: &Client,
+    topic: &str,
+    partition: Option<u32>,
+    from: &str,
+    max: Option<u64>,
+    follow: bool,
+    output: Output,
+) -> anyhow::Result<()> {
+    let info = client.describe_topic(topic).await?;
+    let partitions: Vec<u32> = match partition {
+        Some(p) => vec![p],
+        None => (0..info.partitions.len() as u32).collect(),
+    };
+    let mut next = Vec::with_capacity(partitions.len());
+    for p in &partitions {
+        let offset = match from {
+            "earliest" => client.list_offsets(topic, *p, pb::OffsetSpec::Earliest, 0).await?,
+            "latest" => client.list_offsets(topic, *p, pb::OffsetSpec::Latest, 0).await?,
+            ts if ts.starts_with('@') => {
+                let ts: i64 = ts[1..].parse().with_context(|| format!("bad timestamp {ts:?}"))?;
+                client.list_offsets(topic, *p, pb::OffsetSpec::Timestamp, ts).await?
+            }
+            offset => offset
+                .parse()
+                .with_context(|| format!("--from {offset:?}: expected earliest, latest, an offset or @TIMESTAMP_MS"))?,
+        };
+        next.push(offset);
+    }
+    let mut printed = 0u64;
+    if follow && partitions.len() == 1 {
+        // One partition: let its leader push records as they commit.
+        let p = partitions[0];
+        let mut next = next[0];
+        loop {
+            let mut stream = client.subscribe(topic, p, next).await?;
+            // The stream ends, or fails, when leadership moves: subscribe again from `next`.
+            while let Ok(Some(resp)) = stream.message().await {
+                for r in &resp.records {
+                    print_record(p, r, output);
+                    next = r.offset + 1;
+                    printed += 1;
+                    if max.is_some_and(|m| printed >= m) {
+                        return Ok(());
+                    }
+                }
+                let _ = std::io::stdout().lock().flush();
+            }
+        }
+    }
+    let stdout = std::io::stdout();
+    loop {
+        let mut caught_up = true;
+        for (i, p) in partitions.iter().enumerate() {
+            let wait = if follow && partitions.len() == 1 { 1000 } else { 0 };
+            let resp = client.fetch(topic, *p, next[i], 1 << 20, wait).await?;
+            for r in &resp.records {
+                print_record(*p, r, output);
+                next[i] = r.offset + 1;
+                printed += 1;
+                if max.is_some_and(|m| printed >= m) {
+                    return Ok(());
+                }
+            }
+            if next[i] < resp.high_watermark {
+                caught_up = false;
+            }
+        }
+        let _ = stdout.lock().flush();
+        if caught_up {
+            if !follow {
+                return Ok(());
+            }
+            if partitions.len() > 1 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+fn broker_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot locate the flotilla binary")?;
+    let beside = exe.with_file_name("flotilla-broker");
+    if beside.exists() {
+        return Ok(beside);
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let candidate = dir.join("flotilla-broker");
+            if candidate.exists() {
+                return Ok(candidate);
+            }
+        }
+    }
+    bail!("flotilla-broker was not found next to {} or on PATH", exe.display())
+}
+
+async fn dev(nodes: u64, data_dir: &Path, base_port: u16) -> anyhow::Result<()> {
+    if nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    let broker = broker_binary()?;
+    let addrs: Vec<String> = (0..nodes).map(|i| format!("127.0.0.1:{}", base_port as u64 + i)).collect();
+    let initial: Vec<String> = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect();
+    let mut children = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        let id = i as u64 + 1;
+        let dir = data_dir.join(format!("node-{id}"));
+        std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
+        let log = std::fs::File::create(data_dir.join(format!("node-{id}.log")))?;
+        let child = tokio::process::Command::new(&broker)
+            .arg("--node-id")
+            .arg(id.to_string())
+            .arg("--data-dir")
+            .arg(&dir)
+            .arg("--listen")
+            .arg(addr)
+            .arg("--initial-cluster")
+            .arg(initial.join(","))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", broker.display()))?;
+        children.push(child);
+    }
+    println!("flotilla dev: {nodes} brokers running; logs and data in {}", data_dir.display());
+    println!("bootstrap: {}", addrs.join(","));
+    println!("try: flotilla --bootstrap {} cluster status", addrs[0]);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let exited = async {
+        loop {
+            for (i, c) in children.iter_mut().enumerate() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    return (i + 1, status);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let failed = tokio::select! {
+        _ = tokio::signal::ctrl_c() => None,
+        _ = term.recv() => None,
+        (id, status) = exited => Some((id, status)),
+    };
+    for c in &children {
+        if let Some(pid) = c.id() {
+            // SIGTERM lets each broker stop its groups cleanly.
+            let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        }
+    }
+    for c in &mut children {
+        let _ = tokio::time::timeout(Duration::from_secs(10), c.wait()).await;
+    }
+    if let Some((id, status)) = failed {
+        bail!("broker {id} exited ({status}); see {}", data_dir.join(format!("node-{id}.log")).display());
+    }
+    Ok(())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let bootstrap: Vec<String> =
+        cli.bootstrap.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
+    if bootstrap.is_empty() {
+        bail!("--bootstrap is empty");
+    }
+    let client = Client::new(bootstrap);
+    let output = cli.output;
+    match cli.command {
+        Command::Dev { nodes, data_dir, base_port } => dev(nodes, &data_dir, base_port).await?,
+        Command::Cluster { command: ClusterCommand::Status } => {
+            let md = client.metadata().await?;
+            match output {
+                Output::Json => println!(
+                    "{}",
+                    json!({
+                        "controller_leader": md.controller_leader,
+                        "nodes": md.nodes.iter().map(|n| json!({"node_id": n.node_id, "addr": n.addr, "alive": n.alive, "lagging": n.lagging, "leaderships": n.leaderships})).collect::<Vec<_>>(),
+                        "topics": md.topics.len(),
+                    })
+                ),
+                Output::Table => {
+                    println!(
+                        "controller leader: {}",
+                        if md.controller_leader == 0 { "none".to_owned() } else { md.controller_leader.to_string() }
+                    );
+                    println!(
+                        "{:>4}  {:<22}  {:<6}  {:<7}  {:>11}",
+                        "NODE", "ADDRESS", "ALIVE", "LAGGING", "LEADERSHIPS"
+                    );
+                    for n in &md.nodes {
+                        println!(
+                            "{:>4}  {:<22}  {:<6}  {:<7}  {:>11}",
+                            n.node_id, n.addr, n.alive, n.lagging, n.leaderships
+                        );
+                    }
+                }
+            }
+        }
+        Command::Topic { command } => match command {
+            TopicCommand::Create { name, partitions, replication_factor, configs } => {
+                let configs = configs.iter().map(|c| key_value(c)).collect::<anyhow::Result<Vec<_>>>()?;
+                let t = client.create_topic(&name, partitions, replication_factor, configs).await?;
+                print_topic(&t, output);
+            }
+            TopicCommand::List => {
+                for t in client.list_topics().await? {
+                    match output {
+                        Output::Json => println!("{}", topic_json(&t)),
+                        Output::Table => println!(
+                            "{}\t{} partitions\treplication factor {}",
+                            t.name,
+                            t.partitions.len(),
+                            t.replication_factor
+                        ),
+                    }
+                }
+            }
+            TopicCommand::Describe { name } => print_topic(&client.describe_topic(&name).await?, output),
+            TopicCommand::Delete { name } => {
+                client.delete_topic(&name).await?;
+                println!("deleted topic {name}");
+            }
+        },
+        Command::Produce { topic, value, key, partition, headers, null } => {
+            let headers = headers
+                .iter()
+                .map(|h| key_value(h).map(|(k, v)| pb::Header { key: k, value: Some(Bytes::from(v)) }))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let values: Vec<Option<String>> = match (value, null) {
+                (_, true) => vec![None],
+                (Some(v), false) => vec![Some(v)],
+                (None, false) => std::io::stdin().lock().lines().map(|l| l.map(Some)).collect::<Result<_, _>>()?,
+            };
+            for v in values {
+                let record = pb::Record {
+                    key: key.clone().map(Bytes::from),
+                    value: v.map(Bytes::from),
+                    headers: headers.clone(),
+                    timestamp_ms: 0,
+                };
+                let ack = client.produce(&topic, partition, vec![record]).await?;
+                match output {
+                    Output::Json => println!("{}", json!({"partition": ack.partition, "offset": ack.base_offset})),
+                    Output::Table => println!("partition {} offset {}", ack.partition, ack.base_offset),
+                }
+            }
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Produce {
+                    topic,
+                    partitions,
+                    replication_factor,
+                    message_bytes,
+                    producers,
+                    in_flight,
+                    batch_bytes,
+                    rate,
+                    duration,
+                    warmup,
+                },
+        } => {
+            if message_bytes == 0 || producers == 0 || in_flight == 0 || duration == 0 {
+                bail!("--message-bytes, --producers, --in-flight and --duration must be positive");
+            }
+            let records_per_request = batch_bytes.map_or(1, |b| (b / message_bytes).max(1)) as u32;
+            let bench = flotilla_cli::bench::ProduceBench {
+                topic,
+                partitions,
+                replication_factor,
+                message_bytes,
+                producers,
+                in_flight,
+                records_per_request,
+                rate,
+                duration: Duration::from_secs(duration),
+                warmup: Duration::from_secs(warmup),
+            };
+            let report = flotilla_cli::bench::produce(std::sync::Arc::new(client), bench).await?;
+            match output {
+                Output::Json => println!("{}", report.json()),
+                Output::Table => println!("{}", report.line()),
+            }
+        }
+        Command::Consume { topic, partition, from, max, follow } => {
+            consume(&client, &topic, partition, &from, max, follow, output).await?
+        }
+    }
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(run(cli)) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

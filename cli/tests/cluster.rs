@@ -1,0 +1,593 @@
+//! Multi-node tests on real `flotilla-broker` processes listening on 127.0.0.1.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use flotilla_broker::partitioner::partition_for_key;
+use flotilla_cli::client::Client;
+use flotilla_proto::broker as pb;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn flotilla_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_flotilla"))
+}
+
+/// The broker binary is built beside the CLI (the broker package's own tests need it).
+fn broker_bin() -> PathBuf {
+    let path = flotilla_bin().with_file_name("flotilla-broker");
+    assert!(path.exists(), "{} is missing: run the whole workspace's tests (cargo test --workspace)", path.display());
+    path
+}
+
+struct TestCluster {
+    dir: tempfile::TempDir,
+    addrs: BTreeMap<u64, String>,
+    metrics: BTreeMap<u64, String>,
+    procs: BTreeMap<u64, Child>,
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+impl TestCluster {
+    fn start(n: u64) -> TestCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let addrs: BTreeMap<u64, String> = (1..=n).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
+        let metrics: BTreeMap<u64, String> = (1..=n).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
+        let mut c = TestCluster { dir, addrs, metrics, procs: BTreeMap::new() };
+        for id in 1..=n {
+            c.start_node(id);
+        }
+        c
+    }
+
+    fn initial_cluster(&self) -> String {
+        self.addrs.iter().map(|(id, a)| format!("{id}={a}")).collect::<Vec<_>>().join(",")
+    }
+
+    fn start_node(&mut self, id: u64) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("node-{id}.log")))
+            .expect("log file");
+        let child = Command::new(broker_bin())
+            .args(["--node-id", &id.to_string()])
+            .arg("--data-dir")
+            .arg(self.dir.path().join(format!("node-{id}")))
+            .args(["--listen", &self.addrs[&id], "--initial-cluster", &self.initial_cluster()])
+            .args(["--metrics-listen", &self.metrics[&id]])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start broker");
+        self.procs.insert(id, child);
+    }
+
+    fn kill(&mut self, id: u64) {
+        if let Some(mut c) = self.procs.remove(&id) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn bootstrap(&self) -> String {
+        self.addrs.values().cloned().collect::<Vec<_>>().join(",")
+    }
+
+    fn client(&self) -> Client {
+        Client::new(self.addrs.values().cloned().collect())
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for id in self.addrs.keys() {
+            let log = std::fs::read_to_string(self.dir.path().join(format!("node-{id}.log"))).unwrap_or_default();
+            out.push_str(&format!(
+                "--- node {id} ---\n{}\n",
+                log.lines().rev().take(30).collect::<Vec<_>>().join("\n")
+            ));
+        }
+        out
+    }
+
+    async fn wait_ready(&self) {
+        let client = self.client();
+        wait_for("a controller leader", async || client.metadata().await.is_ok_and(|m| m.controller_leader != 0)).await;
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        let ids: Vec<u64> = self.procs.keys().copied().collect();
+        for id in ids {
+            self.kill(id);
+        }
+    }
+}
+
+async fn wait_for(what: &str, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn record(key: &str, value: String) -> pb::Record {
+    pb::Record {
+        key: Some(Bytes::from(key.to_owned())),
+        value: Some(Bytes::from(value)),
+        headers: vec![],
+        timestamp_ms: 0,
+    }
+}
+
+/// Every record of a partition from offset 0 to the high watermark.
+async fn read_partition(client: &Client, topic: &str, partition: u32) -> Vec<pb::FetchedRecord> {
+    let mut out = Vec::new();
+    let mut next = 0;
+    loop {
+        let resp = client.fetch(topic, partition, next, 1 << 20, 0).await.expect("fetch");
+        for r in resp.records {
+            next = r.offset + 1;
+            out.push(r);
+        }
+        if next >= resp.high_watermark {
+            return out;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_keyed_records_come_back_in_order_dense_and_by_key() {
+    let cluster = TestCluster::start(3);
+    cluster.wait_ready().await;
+    let client = cluster.client();
+    let info = client.create_topic("orders", 6, 3, vec![]).await.expect("create topic");
+    assert_eq!(info.partitions.len(), 6);
+    // Wait until every partition has a leader.
+    wait_for("partition leaders", async || {
+        client.describe_topic("orders").await.is_ok_and(|t| t.partitions.iter().all(|p| p.leader != 0))
+    })
+    .await;
+    const RECORDS: usize = 10_000;
+    const KEYS: usize = 50;
+    let mut by_partition: BTreeMap<u32, Vec<pb::Record>> = BTreeMap::new();
+    for i in 0..RECORDS {
+        let key = format!("key-{}", i % KEYS);
+        let p = partition_for_key(key.as_bytes(), 6);
+        by_partition.entry(p).or_default().push(record(&key, format!("{key}:{i}")));
+    }
+    for (p, records) in &by_partition {
+        let mut expected_offset = 0;
+        for chunk in records.chunks(100) {
+            let ack = client.produce("orders", Some(*p), chunk.to_vec()).await.expect("produce");
+            assert_eq!(ack.base_offset, expected_offset, "partition {p}: offsets are dense");
+            expected_offset += chunk.len() as u64;
+        }
+    }
+    let mut total = 0;
+    let mut key_partition: BTreeMap<String, u32> = BTreeMap::new();
+    for p in 0..6u32 {
+        let got = read_partition(&client, "orders", p).await;
+        let sent = by_partition.get(&p).cloned().unwrap_or_default();
+        assert_eq!(got.len(), sent.len(), "partition {p}: every acknowledged record is read back\n{}", cluster.logs());
+        for (i, (g, s)) in got.iter().zip(&sent).enumerate() {
+            assert_eq!(g.offset, i as u64, "partition {p}: dense offsets from 0");
+            assert_eq!(g.value, s.value, "partition {p}: order kept");
+            let key = String::from_utf8_lossy(g.key.as_deref().unwrap_or_default()).into_owned();
+            assert_eq!(*key_partition.entry(key).or_insert(p), p, "one key, one partition");
+        }
+        total += got.len();
+    }
+    assert_eq!(total, RECORDS);
+    // Asked through one node, describe shows each partition as its own leader sees it: all in sync.
+    let via_node_1 = Client::new(vec![cluster.addrs[&1].clone()]);
+    wait_for("every replica in sync", async || {
+        via_node_1.describe_topic("orders").await.is_ok_and(|t| {
+            t.partitions
+                .iter()
+                .all(|p| p.in_sync.len() == 3 && p.high_watermark as usize == by_partition[&p.partition].len())
+        })
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_fetch_returns_as_soon_as_a_record_arrives() {
+    let cluster = TestCluster::start(3);
+    cluster.wait_ready().await;
+    let client = std::sync::Arc::new(cluster.client());
+    client.create_topic("events", 1, 3, vec![]).await.expect("create");
+    wait_for("a leader", async || client.describe_topic("events").await.is_ok_and(|t| t.partitions[0].leader != 0))
+        .await;
+    let poller = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            let resp = client.fetch("events", 0, 0, 1 << 20, 20_000).await.expect("fetch");
+            (resp, started.elapsed())
+        })
+    };
+    // Whether the record lands before or after the poll parks, the poll must return with it well before
+    // its 20 s limit.
+    client.produce("events", Some(0), vec![record("k", "hello".into())]).await.expect("produce");
+    let (resp, elapsed) = poller.await.expect("join");
+    assert_eq!(resp.records.len(), 1);
+    assert_eq!(resp.records[0].value.as_deref(), Some(&b"hello"[..]));
+    assert!(elapsed < Duration::from_secs(15), "the long poll waited {elapsed:?} instead of returning on arrival");
+}
+
+fn cli(cluster: &TestCluster, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    let mut child = Command::new(flotilla_bin())
+        .arg("--bootstrap")
+        .arg(cluster.bootstrap())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run flotilla");
+    if let Some(input) = stdin {
+        child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write stdin");
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().expect("wait");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_round_trip_create_produce_consume_describe() {
+    let cluster = TestCluster::start(3);
+    cluster.wait_ready().await;
+    let (ok, out, err) =
+        cli(&cluster, &["topic", "create", "greetings", "--partitions", "2", "--replication-factor", "3"], None);
+    assert!(ok, "create failed: {err}");
+    assert!(out.contains("greetings"), "{out}");
+    let (ok, out, err) =
+        cli(&cluster, &["produce", "greetings", "--partition", "1", "--header", "source=test"], Some("hello\nworld\n"));
+    assert!(ok, "produce failed: {err}\n{}", cluster.logs());
+    assert_eq!(out.lines().collect::<Vec<_>>(), vec!["partition 1 offset 0", "partition 1 offset 1"]);
+    let (ok, out, err) =
+        cli(&cluster, &["--output", "json", "consume", "greetings", "--partition", "1", "--max", "2"], None);
+    assert!(ok, "consume failed: {err}");
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["value"], "hello");
+    assert_eq!(lines[1]["value"], "world");
+    assert_eq!(lines[1]["offset"], 1);
+    assert_eq!(lines[0]["headers"]["source"], "test");
+    let (ok, out, err) = cli(&cluster, &["--output", "json", "topic", "describe", "greetings"], None);
+    assert!(ok, "describe failed: {err}");
+    let topic: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    assert_eq!(topic["name"], "greetings");
+    assert_eq!(topic["partitions"].as_array().map(Vec::len), Some(2));
+    assert_eq!(topic["partitions"][1]["high_watermark"], 2);
+    // Bad input gets a clear message and a non-zero exit, never a panic.
+    let (ok, _, err) = cli(&cluster, &["topic", "create", "bad name"], None);
+    assert!(!ok && err.contains("invalid topic name"), "{err}");
+    let (ok, _, err) = cli(&cluster, &["consume", "missing"], None);
+    assert!(!ok && err.contains("unknown topic"), "{err}");
+    let (ok, _, err) = cli(&cluster, &["produce", "greetings", "--partition", "9", "x"], None);
+    assert!(!ok && err.contains("partitions 0 to 1"), "{err}");
+    let (ok, _, err) = cli(&cluster, &["consume", "greetings", "--partition", "1", "--from", "99"], None);
+    assert!(!ok && err.contains("out of range"), "{err}");
+    let (ok, _, err) = cli(&cluster, &["topic", "create", "wide", "--replication-factor", "4"], None);
+    assert!(!ok && err.contains("needs 4 live nodes"), "{err}");
+    let (ok, _, err) = cli(&cluster, &["topic", "create", "greetings"], None);
+    assert!(!ok && err.contains("already exists"), "{err}");
+    let (ok, _, err) = cli(
+        &cluster,
+        &["topic", "create", "small", "--replication-factor", "3", "--config", "max.message.bytes=200"],
+        None,
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(&cluster, &["produce", "small", &"x".repeat(500)], None);
+    assert!(!ok && err.contains("max.message.bytes"), "{err}");
+    let (ok, out, err) = cli(&cluster, &["produce", "small", "fits"], None);
+    assert!(ok && out.contains("offset 0"), "{err}");
+    // A deleted topic is gone for every command.
+    let (ok, _, err) = cli(&cluster, &["topic", "delete", "small"], None);
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(&cluster, &["topic", "describe", "small"], None);
+    assert!(!ok && err.contains("unknown topic"), "{err}");
+}
+
+/// Produces unique values one per request until `target` are acknowledged, recording each ack.
+async fn produce_acked(client: &Client, topic: &str, from: u64, target: usize, acks: &mut Vec<(u64, String)>) {
+    let mut next = from;
+    while acks.len() < target {
+        let value = format!("v{next}");
+        next += 1;
+        match client.produce(topic, Some(0), vec![record("k", value.clone())]).await {
+            Ok(ack) => acks.push((ack.base_offset, value)),
+            // Outcome unknown or no leader for the whole retry deadline: never counted as acknowledged.
+            Err(e) => eprintln!("produce of {value} not acknowledged: {e}"),
+        }
+    }
+}
+
+fn check_acks(read: &[pb::FetchedRecord], acks: &[(u64, String)], logs: &str) {
+    for (offset, value) in acks {
+        let found = read.get(*offset as usize).and_then(|r| r.value.clone());
+        assert_eq!(found.as_deref(), Some(value.as_bytes()), "acknowledged {value} missing at offset {offset}\n{logs}");
+        let copies = read.iter().filter(|r| r.value.as_deref() == Some(value.as_bytes())).count();
+        assert_eq!(copies, 1, "acknowledged {value} appears {copies} times");
+    }
+    for (i, r) in read.iter().enumerate() {
+        assert_eq!(r.offset, i as u64, "offsets are dense");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_mid_produce_loses_no_acknowledged_record() {
+    let mut cluster = TestCluster::start(3);
+    cluster.wait_ready().await;
+    let client = cluster.client();
+    client.create_topic("ledger", 1, 3, vec![]).await.expect("create");
+    wait_for("a leader", async || client.describe_topic("ledger").await.is_ok_and(|t| t.partitions[0].leader != 0))
+        .await;
+    let mut acks = Vec::new();
+    produce_acked(&client, "ledger", 0, 50, &mut acks).await;
+    let leader = client.describe_topic("ledger").await.expect("describe").partitions[0].leader;
+    cluster.kill(leader);
+    // Production resumes once the survivors elect a leader (the client retries meanwhile).
+    produce_acked(&client, "ledger", 1_000, 150, &mut acks).await;
+    cluster.start_node(leader);
+    let read = read_partition(&client, "ledger", 0).await;
+    check_acks(&read, &acks, &cluster.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_every_node_keeps_all_acknowledged_data_and_the_high_watermark() {
+    let mut cluster = TestCluster::start(3);
+    cluster.wait_ready().await;
+    let client = cluster.client();
+    client.create_topic("durable", 1, 3, vec![]).await.expect("create");
+    wait_for("a leader", async || client.describe_topic("durable").await.is_ok_and(|t| t.partitions[0].leader != 0))
+        .await;
+    let mut acks = Vec::new();
+    produce_acked(&client, "durable", 0, 100, &mut acks).await;
+    let before = client.list_offsets("durable", 0, pb::OffsetSpec::Latest, 0).await.expect("latest");
+    assert!(before >= 100);
+    for id in 1..=3 {
+        cluster.kill(id);
+    }
+    for id in 1..=3 {
+        cluster.start_node(id);
+    }
+    cluster.wait_ready().await;
+    let client = cluster.client();
+    wait_for("the partition to recover", async || {
+        client.list_offsets("durable", 0, pb::OffsetSpec::Latest, 0).await.is_ok_and(|hw| hw >= before)
+    })
+    .await;
+    let read = read_partition(&client, "durable", 0).await;
+    check_acks(&read, &acks, &cluster.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaders_return_to_preferred_leaders_after_a_restarted_node_catches_up() {
+    let mut cluster = TestCluster::start(3);
+    cluster.wait_ready().await;
+    let client = cluster.client();
+    client.create_topic("balanced", 6, 3, vec![]).await.expect("create");
+    let leaderships = async |client: &Client| -> BTreeMap<u64, u32> {
+        let md = client.metadata().await.expect("metadata");
+        let mut per_node = BTreeMap::new();
+        for p in md.topics.iter().flat_map(|t| t.partitions.iter()) {
+            if p.leader != 0 {
+                *per_node.entry(p.leader).or_insert(0) += 1;
+            }
+        }
+        per_node
+    };
+    let even = BTreeMap::from([(1, 2), (2, 2), (3, 2)]);
+    wait_for("an even spread of leaders", async || leaderships(&client).await == even).await;
+    // Node 1's partitions move to the survivors while it is down.
+    cluster.kill(1);
+    let survivors = Client::new(vec![cluster.addrs[&2].clone(), cluster.addrs[&3].clone()]);
+    wait_for("the survivors to lead everything", async || {
+        leaderships(&survivors).await.values().sum::<u32>() == 6 && !leaderships(&survivors).await.contains_key(&1)
+    })
+    .await;
+    for p in 0..6 {
+        survivors
+            .produce("balanced", Some(p), vec![record("k", format!("while node 1 was down {p}"))])
+            .await
+            .expect("produce");
+    }
+    cluster.start_node(1);
+    // Once node 1 has caught up, each node leads its preferred share again.
+    wait_for("leadership back to preferred leaders", async || leaderships(&client).await == even).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_tails_records_as_they_commit() {
+    let cluster = TestCluster::start(3);
+    cluster.wait_ready().await;
+    let client = cluster.client();
+    client.create_topic("tail", 1, 3, vec![]).await.expect("create");
+    wait_for("a leader", async || client.describe_topic("tail").await.is_ok_and(|t| t.partitions[0].leader != 0)).await;
+    client.produce("tail", Some(0), vec![record("k", "before".into())]).await.expect("produce");
+    let mut stream = client.subscribe("tail", 0, 0).await.expect("subscribe");
+    for i in 0..3 {
+        client.produce("tail", Some(0), vec![record("k", format!("after {i}"))]).await.expect("produce");
+    }
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        let resp = tokio::time::timeout(WAIT, stream.message()).await.expect("in time").expect("stream").expect("open");
+        seen.extend(resp.records.into_iter().map(|r| (r.offset, r.value.unwrap_or_default())));
+    }
+    let expected: Vec<(u64, Bytes)> = ["before", "after 0", "after 1", "after 2"]
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (i as u64, Bytes::from(v.to_string())))
+        .collect();
+    assert_eq!(seen, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_broker_promptly_and_it_restarts_with_its_data() {
+    let mut cluster = TestCluster::start(3);
+    cluster.wait_ready().await;
+    let client = cluster.client();
+    client.create_topic("graceful", 1, 3, vec![]).await.expect("create");
+    let ack = client.produce("graceful", Some(0), vec![record("k", "kept".into())]).await.expect("produce");
+    let mut child = cluster.procs.remove(&2).expect("node 2");
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(status.success());
+    // Peer connections stay open (Raft streams), so a shutdown that waits for them to drain never ends.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(exit) = child.try_wait().expect("wait") {
+            break exit;
+        }
+        assert!(std::time::Instant::now() < deadline, "broker 2 ignored SIGTERM for 20 s\n{}", cluster.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "broker 2 exited with {exit}\n{}", cluster.logs());
+    cluster.start_node(2);
+    let only_node_2 = Client::new(vec![cluster.addrs[&2].clone()]);
+    wait_for("node 2 back with the record", async || {
+        only_node_2.metadata().await.is_ok_and(|m| {
+            m.topics.iter().any(|t| t.name == "graceful" && t.partitions[0].high_watermark > ack.base_offset)
+        })
+    })
+    .await;
+}
+
+/// GETs `path` from `addr` over plain HTTP/1.1 and returns the body.
+async fn http_get(addr: &str, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+}
+
+/// Parses Prometheus text exposition into (series, value); panics on a malformed sample line.
+fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("malformed sample line {l:?}"));
+            let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {l:?}"));
+            (series.to_owned(), value)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_broker_serves_prometheus_metrics() {
+    let cluster = TestCluster::start(3);
+    cluster.wait_ready().await;
+    let client = cluster.client();
+    client.create_topic("observed", 1, 3, vec![]).await.expect("create");
+    let ack = client.produce("observed", Some(0), vec![record("k", "v".into())]).await.expect("produce");
+    client.fetch("observed", 0, ack.base_offset, 1 << 20, 0).await.expect("fetch");
+    let leader = client.describe_topic("observed").await.expect("describe").partitions[0].leader;
+    let metrics_addr = cluster.metrics[&leader].clone();
+    let mut samples = Vec::new();
+    wait_for("the leader's metrics", async || {
+        samples = match http_get(&metrics_addr, "/metrics").await {
+            Some(body) => parse_prometheus(&body),
+            None => return false,
+        };
+        let has = |name: &str| samples.iter().any(|(s, _)| s.starts_with(name));
+        has("flotilla_produce_requests_total")
+            && has("flotilla_produce_latency_seconds_bucket")
+            && has("flotilla_fetch_requests_total")
+            && has("flotilla_storage_fsyncs_total")
+            && has("flotilla_partition_high_watermark")
+            && has("flotilla_raft_follower_lag_entries")
+    })
+    .await;
+    let value = |prefix: &str| samples.iter().find(|(s, _)| s.starts_with(prefix)).map(|(_, v)| *v);
+    assert_eq!(value("flotilla_produce_records_total{topic=\"observed\",partition=\"0\"}"), Some(1.0));
+    assert_eq!(value("flotilla_partition_high_watermark{topic=\"observed\",partition=\"0\"}"), Some(1.0));
+    assert!(value("flotilla_storage_fsyncs_total").is_some_and(|v| v >= 1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_produce_reports_throughput_and_latency_as_json() {
+    let cluster = TestCluster::start(3);
+    cluster.wait_ready().await;
+    let args = [
+        "--output",
+        "json",
+        "bench",
+        "produce",
+        "--topic",
+        "b",
+        "--in-flight",
+        "4",
+        "--duration",
+        "1",
+        "--warmup",
+        "0",
+    ];
+    let (ok, out, err) = cli(&cluster, &args, None);
+    assert!(ok, "bench failed: {err}\n{}", cluster.logs());
+    let report: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    assert!(report["msgs_per_sec"].as_f64().is_some_and(|v| v > 0.0), "{report}");
+    assert!(report["mb_per_sec"].as_f64().is_some(), "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    for p in ["p50", "p90", "p99", "p999", "max"] {
+        assert!(report["latency_ms"][p].as_f64().is_some_and(|v| v > 0.0), "{p} missing: {report}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_without_a_replica_still_routes_and_describes_the_partition() {
+    // Four nodes, replication factor 2: every node lacks replicas of some partitions.
+    let cluster = TestCluster::start(4);
+    cluster.wait_ready().await;
+    let via_node_1 = Client::new(vec![cluster.addrs[&1].clone()]);
+    let info = via_node_1.create_topic("spread", 4, 2, vec![]).await.expect("create");
+    assert!(info.partitions.iter().any(|p| !p.replicas.contains(&1)), "node 1 must lack some partition");
+    wait_for("every partition's leader, as seen through node 1", async || {
+        via_node_1.describe_topic("spread").await.is_ok_and(|t| t.partitions.iter().all(|p| p.leader != 0))
+    })
+    .await;
+    // Straight to node 1, bypassing the client's routing: node 1 forwards to a replica of the partition.
+    let foreign = info.partitions.iter().find(|p| !p.replicas.contains(&1)).expect("a partition without node 1");
+    let mut raw =
+        flotilla_proto::broker::flotilla_client::FlotillaClient::connect(format!("http://{}", cluster.addrs[&1]))
+            .await
+            .expect("connect");
+    let req = pb::ProduceRequest {
+        topic: "spread".into(),
+        partition: Some(foreign.partition),
+        records: vec![record("k", "forwarded".into())],
+        forwarded: false,
+    };
+    let acks = raw.produce(req).await.expect("node 1 forwards a partition it does not host").into_inner().acks;
+    assert_eq!(acks[0].base_offset, 0);
+    for p in 0..4 {
+        if p == foreign.partition {
+            continue;
+        }
+        let ack = via_node_1.produce("spread", Some(p), vec![record("k", format!("p{p}"))]).await.expect("produce");
+        assert_eq!(ack.base_offset, 0);
+        let got = via_node_1.fetch("spread", p, 0, 1 << 20, 0).await.expect("fetch");
+        assert_eq!(got.records[0].value.as_deref(), Some(format!("p{p}").as_bytes()));
+    }
+}

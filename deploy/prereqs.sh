@@ -1,0 +1,18 @@
+# Sourced by deploy/local-cluster.sh and .ci/run: installs what a build needs and picks the build cache.
+
+# rocksdb's build runs bindgen, which needs libclang.
+if ! compgen -G "/usr/lib/llvm-*/lib/libclang*.so*" >/dev/null; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq libclang-dev
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "cargo is missing: install the Rust toolchain (https://rustup.rs) and run this again" >&2
+  exit 1
+fi
+
+# RocksDB's C++ takes about 10 minutes to build on two cores: keep build artefacts outside the clone so
+# every clone and every run reuses them.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/flotilla/target}"

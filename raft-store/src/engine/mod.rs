@@ -1,0 +1,158 @@
+//! The key-value engine under every Raft group of a node.
+//!
+//! One engine per node holds all groups: a fixed set of column families ([`Cf`]) with the group id as key
+//! prefix (see [`crate::keys`]). The trait is small on purpose: ordered point reads and range scans,
+//! atomic batched writes that are *not* durable by themselves, and one `sync_wal` that makes every write
+//! issued before it durable. Durability is owned by [`crate::wal::WalSyncer`], never by the callers of
+//! `write`.
+//!
+//! Architecture Invariant: a write is visible to reads as soon as `write` returns, and durable only after
+//! a `sync_wal` that started after it. Nothing else in the crate fsyncs.
+
+mod memory;
+mod rocks;
+
+pub use memory::MemEngine;
+pub use rocks::{RocksConfig, RocksEngine};
+
+use bytes::Bytes;
+
+/// The column families. Adding one is a storage format change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Cf {
+    /// Raft log entries: `group, index -> entry`.
+    Log,
+    /// Per-group Raft metadata: vote, committed, last purged, snapshot.
+    RaftMeta,
+    /// Log-mode offset index: `group, base offset -> raft index, record count`.
+    OffsetIdx,
+    /// Per-group state-machine metadata: applied log id, offsets, membership.
+    SmMeta,
+    /// Kv-mode state machines.
+    Kv,
+}
+
+impl Cf {
+    pub const ALL: [Cf; 5] = [Cf::Log, Cf::RaftMeta, Cf::OffsetIdx, Cf::SmMeta, Cf::Kv];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Cf::Log => "log",
+            Cf::RaftMeta => "raft_meta",
+            Cf::OffsetIdx => "offset_idx",
+            Cf::SmMeta => "sm_meta",
+            Cf::Kv => "kv",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Cf::Log => 0,
+            Cf::RaftMeta => 1,
+            Cf::OffsetIdx => 2,
+            Cf::SmMeta => 3,
+            Cf::Kv => 4,
+        }
+    }
+}
+
+/// A failed engine operation. Every storage failure is an I/O failure to openraft, which stops the group.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("storage engine: {0}")]
+    Backend(String),
+    #[error("storage engine stopped after an earlier failed sync: {0}")]
+    Poisoned(String),
+}
+
+impl From<EngineError> for std::io::Error {
+    fn from(e: EngineError) -> Self {
+        std::io::Error::other(e)
+    }
+}
+
+/// One operation of a [`WriteBatch`].
+#[derive(Debug, Clone)]
+pub enum Op {
+    Put {
+        cf: Cf,
+        key: Vec<u8>,
+        value: Bytes,
+    },
+    Delete {
+        cf: Cf,
+        key: Vec<u8>,
+    },
+    /// Deletes keys in `[from, to)`.
+    DeleteRange {
+        cf: Cf,
+        from: Vec<u8>,
+        to: Vec<u8>,
+    },
+}
+
+/// Operations applied atomically by [`Engine::write`].
+#[derive(Debug, Default, Clone)]
+pub struct WriteBatch {
+    ops: Vec<Op>,
+    payload_bytes: usize,
+}
+
+impl WriteBatch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn put(&mut self, cf: Cf, key: Vec<u8>, value: impl Into<Bytes>) {
+        let value = value.into();
+        self.payload_bytes += key.len() + value.len();
+        self.ops.push(Op::Put { cf, key, value });
+    }
+
+    pub fn delete(&mut self, cf: Cf, key: Vec<u8>) {
+        self.ops.push(Op::Delete { cf, key });
+    }
+
+    pub fn delete_range(&mut self, cf: Cf, from: Vec<u8>, to: Vec<u8>) {
+        self.ops.push(Op::DeleteRange { cf, from, to });
+    }
+
+    pub fn ops(&self) -> &[Op] {
+        &self.ops
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Key and value bytes put by this batch.
+    pub fn payload_bytes(&self) -> usize {
+        self.payload_bytes
+    }
+}
+
+/// The storage engine of one node. Implementations are internally synchronised.
+pub trait Engine: Send + Sync + 'static {
+    /// Applies `batch` atomically. Visible to reads on return; durable only after a later [`Engine::sync_wal`].
+    fn write(&self, batch: WriteBatch) -> Result<(), EngineError>;
+
+    /// Makes every write that returned before this call durable.
+    fn sync_wal(&self) -> Result<(), EngineError>;
+
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Bytes>, EngineError>;
+
+    /// Calls `visit` on each pair with key in `[from, to)`, ascending, until it returns `false`.
+    fn scan(
+        &self,
+        cf: Cf,
+        from: &[u8],
+        to: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), EngineError>;
+
+    /// The pair with the greatest key in `[from, to)`, if any.
+    fn last_in_range(&self, cf: Cf, from: &[u8], to: &[u8]) -> Result<Option<(Vec<u8>, Bytes)>, EngineError>;
+
+    /// Hints that `[from, to)` of `cf` was range-deleted and its files can be dropped now.
+    fn reclaim_range(&self, cf: Cf, from: &[u8], to: &[u8]) -> Result<(), EngineError>;
+}

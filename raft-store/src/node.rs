@@ -1,0 +1,381 @@
+//! [`RaftNode`]: the registry of every Raft group hosted by one broker node.
+//!
+//! A node owns one engine, one [`WalSyncer`], one [`PeerPool`] and a map `GroupId -> Group`. Creating a
+//! group writes a small marker (its mode) so a restarted node reopens all its groups; dropping one shuts
+//! its Raft down and range-deletes its keys in every column family.
+//!
+//! Lifecycle: built once at start-up ([`RaftNode::open`]), shared as `Arc<RaftNode>` by the gRPC transport
+//! service (through [`GroupLookup`]) and by the broker; [`RaftNode::shutdown`] stops every group.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::sync::{Arc, RwLock, Weak};
+
+use bytes::Bytes;
+use openraft::async_runtime::WatchReceiver;
+use openraft::error::ClientWriteError;
+use openraft::raft::ReadPolicy;
+use openraft::{BasicNode, Config, RaftMetrics, SnapshotPolicy};
+
+use crate::codec;
+use crate::engine::{Cf, Engine, WriteBatch};
+use crate::keys::{self, GroupId, meta_tag};
+use crate::log_store::LogStore;
+use crate::state_machine::{Cut, GroupStateMachine, Mode, SmShared};
+use flotilla_proto::raft::raft_transport_server::RaftTransportServer;
+
+use crate::transport::{GroupLookup, GroupNetworkFactory, PeerPool, RaftTransportService};
+use crate::types::{Command, NodeId, Raft, Response, TypeConfig};
+use crate::wal::{SyncStatsSnapshot, WalSyncer};
+
+/// The Raft handle of a group.
+pub type GroupRaft = Raft<GroupStateMachine>;
+
+/// Raft timing shared by every group of a node.
+#[derive(Debug, Clone, Copy)]
+pub struct RaftTiming {
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+}
+
+impl Default for RaftTiming {
+    /// Hundreds of groups per node: a heartbeat every 250 ms keeps idle cost low, and elections start
+    /// after 1-2 s of silence.
+    fn default() -> Self {
+        Self { heartbeat_interval_ms: 250, election_timeout_min_ms: 1000, election_timeout_max_ms: 2000 }
+    }
+}
+
+/// A replica this many entries behind the leader's last log still counts as caught up.
+const REPLICA_LAG_ENTRIES_MAX: u64 = 100;
+
+/// Entries a kv-mode group keeps between snapshots.
+const KV_LOGS_PER_SNAPSHOT: u64 = 1000;
+
+impl RaftTiming {
+    fn config(&self, group: GroupId, mode: Mode) -> io::Result<Arc<Config>> {
+        let (snapshot_policy, keep) = match mode {
+            // Log mode snapshots only at retention cuts, and purges right up to each cut.
+            Mode::Log => (SnapshotPolicy::Never, 0),
+            Mode::Kv => (SnapshotPolicy::LogsSinceLast(KV_LOGS_PER_SNAPSHOT), KV_LOGS_PER_SNAPSHOT),
+        };
+        let config = Config {
+            cluster_name: format!("group-{group}"),
+            heartbeat_interval: self.heartbeat_interval_ms,
+            election_timeout_min: self.election_timeout_min_ms,
+            election_timeout_max: self.election_timeout_max_ms,
+            install_snapshot_timeout: self.election_timeout_max_ms,
+            snapshot_policy,
+            max_in_snapshot_log_to_keep: keep,
+            max_payload_entries: 1024,
+            ..Default::default()
+        };
+        config.validate().map(Arc::new).map_err(|e| io::Error::other(format!("raft config: {e}")))
+    }
+}
+
+/// One hosted group.
+#[derive(Clone)]
+pub struct Group {
+    pub id: GroupId,
+    pub mode: Mode,
+    pub raft: GroupRaft,
+    pub log: LogStore,
+    pub sm: Arc<SmShared>,
+}
+
+/// Why a write or a linearizable read could not be served by this replica.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GroupError {
+    /// Another replica leads (or none does right now); `leader` names it when known.
+    #[error("not the leader of group {group}")]
+    NotLeader { group: GroupId, leader: Option<NodeId>, leader_addr: Option<String> },
+    /// The commit status is unknown (leadership changed while the entry was in flight).
+    #[error("group {group}: the outcome is unknown, the leader changed while the write was in flight")]
+    Unknown { group: GroupId, leader: Option<NodeId>, leader_addr: Option<String> },
+    /// The group stopped (storage failure) or is shutting down.
+    #[error("group {group} is stopped: {reason}")]
+    Stopped { group: GroupId, reason: String },
+}
+
+/// A plain view of a group's Raft state on this node, for metrics and status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GroupStatus {
+    pub leader: Option<NodeId>,
+    pub is_leader: bool,
+    pub term: u64,
+    pub last_log_index: u64,
+    pub committed_index: u64,
+    pub applied_index: u64,
+}
+
+impl Group {
+    /// This replica's view of the group's Raft state.
+    pub fn status(&self, me: NodeId) -> GroupStatus {
+        let m = self.metrics();
+        GroupStatus {
+            leader: m.current_leader,
+            is_leader: m.current_leader == Some(me) && m.state.is_leader(),
+            term: m.current_term,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            committed_index: m.local_committed.map_or(0, |l| l.index),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+        }
+    }
+
+    /// Proposes `command` and waits until it is committed and applied; returns what applying produced.
+    pub async fn write(&self, command: Command) -> Result<Response, GroupError> {
+        match self.raft.client_write(command).await {
+            Ok(resp) => Ok(resp.data),
+            Err(e) => {
+                let group = self.id;
+                if let Some(fwd) = e.forward_to_leader() {
+                    let (leader, leader_addr) = (fwd.leader_id, fwd.leader_node.as_ref().map(|n| n.addr.clone()));
+                    return Err(match e.api_error() {
+                        Some(ClientWriteError::LogEntryDiscarded(_)) => {
+                            GroupError::Unknown { group, leader, leader_addr }
+                        }
+                        _ => GroupError::NotLeader { group, leader, leader_addr },
+                    });
+                }
+                Err(GroupError::Stopped { group, reason: e.to_string() })
+            }
+        }
+    }
+
+    /// Waits until this replica has applied everything committed before the call, confirming with a
+    /// quorum that it still leads (ReadIndex). After it returns, reads of the local state are
+    /// linearizable.
+    pub async fn linearize(&self) -> Result<(), GroupError> {
+        let group = self.id;
+        self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await.map_err(|e| match e.forward_to_leader() {
+            Some(fwd) => GroupError::NotLeader {
+                group,
+                leader: fwd.leader_id,
+                leader_addr: fwd.leader_node.as_ref().map(|n| n.addr.clone()),
+            },
+            None => GroupError::Stopped { group, reason: e.to_string() },
+        })?;
+        Ok(())
+    }
+
+    /// Asks the leader (this replica) to hand leadership to `to`.
+    pub async fn transfer_leader(&self, to: NodeId) -> io::Result<()> {
+        self.raft.trigger().transfer_leader(to).await.map_err(io::Error::other)
+    }
+
+    /// Whether the group has a log or vote here (it was bootstrapped or joined).
+    pub async fn is_initialized(&self) -> io::Result<bool> {
+        self.raft.is_initialized().await.map_err(io::Error::other)
+    }
+
+    /// The leader this replica knows of, and its address.
+    pub fn leader(&self) -> Option<(NodeId, Option<String>)> {
+        let m = self.metrics();
+        let id = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&id).map(|n| n.addr.clone());
+        Some((id, addr))
+    }
+
+    /// On the leader: how many entries each replica (the leader included, at 0) is behind the leader's
+    /// last log entry. Empty elsewhere.
+    pub fn replica_progress(&self) -> BTreeMap<NodeId, u64> {
+        let m = self.metrics();
+        let last = m.last_log_index.unwrap_or(0);
+        match &m.replication {
+            Some(progress) => progress
+                .iter()
+                .map(|(id, matched)| (*id, last.saturating_sub(matched.map_or(0, |l| l.index))))
+                .collect(),
+            None => BTreeMap::new(),
+        }
+    }
+
+    /// Voters of the group, and which of them the leader sees as caught up to its last log index.
+    pub fn replica_status(&self) -> (Vec<NodeId>, Vec<NodeId>) {
+        let m = self.metrics();
+        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+        let in_sync = match (&m.replication, m.last_log_index) {
+            (Some(progress), Some(last)) => progress
+                .iter()
+                .filter(|(_, matched)| matched.is_some_and(|l| l.index + REPLICA_LAG_ENTRIES_MAX >= last))
+                .map(|(id, _)| *id)
+                .collect(),
+            _ => Vec::new(),
+        };
+        (voters, in_sync)
+    }
+
+    /// The group's current Raft metrics on this node.
+    pub fn metrics(&self) -> RaftMetrics<TypeConfig> {
+        self.raft.metrics().borrow_watched().clone()
+    }
+
+    /// Whether this node leads the group right now.
+    pub fn is_leader(&self, node: NodeId) -> bool {
+        let m = self.metrics();
+        m.current_leader == Some(node) && m.state.is_leader()
+    }
+
+    /// Log mode: removes every record below `before_offset` (whole entries only) on this replica.
+    /// Snapshots at the cut and lets openraft purge the log up to it. Returns the cut taken, if any.
+    pub async fn retention_cut(&self, before_offset: u64) -> io::Result<Option<Cut>> {
+        let Some(cut) = self.sm.plan_cut(before_offset)? else {
+            return Ok(None);
+        };
+        self.raft.trigger().snapshot().await.map_err(io::Error::other)?;
+        self.raft
+            .wait(Some(std::time::Duration::from_secs(30)))
+            .metrics(|m| m.snapshot.is_some_and(|s| s.index >= cut.index), "snapshot at the retention cut")
+            .await
+            .map_err(io::Error::other)?;
+        Ok(Some(cut))
+    }
+}
+
+/// Every group hosted on this node.
+pub struct RaftNode {
+    id: NodeId,
+    engine: Arc<dyn Engine>,
+    syncer: WalSyncer,
+    pool: Arc<PeerPool>,
+    timing: RaftTiming,
+    groups: RwLock<HashMap<GroupId, Group>>,
+}
+
+impl RaftNode {
+    /// Opens the node and every group recorded in its engine.
+    pub async fn open(id: NodeId, engine: Arc<dyn Engine>, timing: RaftTiming) -> io::Result<Arc<Self>> {
+        let syncer = WalSyncer::start(engine.clone());
+        let node =
+            Arc::new(Self { id, engine, syncer, pool: PeerPool::new(id), timing, groups: RwLock::new(HashMap::new()) });
+        for (group, mode) in node.recorded_groups()? {
+            node.start_group(group, mode).await?;
+        }
+        Ok(node)
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    pub fn engine(&self) -> &Arc<dyn Engine> {
+        &self.engine
+    }
+
+    pub fn sync_stats(&self) -> SyncStatsSnapshot {
+        self.syncer.stats().snapshot()
+    }
+
+    fn recorded_groups(&self) -> io::Result<Vec<(GroupId, Mode)>> {
+        let mut found = Vec::new();
+        let mut bad = None;
+        self.engine.scan(Cf::RaftMeta, &[], &[0xff; 9], &mut |key, value| {
+            if key.len() == keys::GROUP_PREFIX_BYTES + 1 && key[keys::GROUP_PREFIX_BYTES] == meta_tag::GROUP_INFO {
+                let group = <[u8; 8]>::try_from(&key[..keys::GROUP_PREFIX_BYTES]).ok().map(u64::from_be_bytes);
+                let mode = codec::unseal(&Bytes::copy_from_slice(value))
+                    .ok()
+                    .and_then(|b| b.first().copied())
+                    .and_then(Mode::from_tag);
+                match (group, mode) {
+                    (Some(g), Some(m)) => found.push((g, m)),
+                    _ => bad = Some(format!("corrupt group marker under key {key:?}")),
+                }
+            }
+            true
+        })?;
+        match bad {
+            Some(why) => Err(io::Error::other(why)),
+            None => Ok(found),
+        }
+    }
+
+    async fn start_group(&self, group: GroupId, mode: Mode) -> io::Result<Group> {
+        let log = LogStore::open(group, self.engine.clone(), self.syncer.clone())?;
+        let sm = GroupStateMachine::open(group, mode, self.engine.clone(), log.shared().clone())?;
+        let sm_shared = sm.shared().clone();
+        let network = GroupNetworkFactory::new(group, self.pool.clone());
+        let raft = Raft::new(self.id, self.timing.config(group, mode)?, network, log.clone(), sm)
+            .await
+            .map_err(|e| io::Error::other(format!("group {group}: raft failed to start: {e}")))?;
+        let handle = Group { id: group, mode, raft, log, sm: sm_shared };
+        self.groups.write().unwrap_or_else(|p| p.into_inner()).insert(group, handle.clone());
+        Ok(handle)
+    }
+
+    /// Creates group `group` in `mode` on this node, or returns it if it exists. The group starts with an
+    /// empty log; call [`RaftNode::initialize_group`] on one replica, or let a leader add it.
+    pub async fn create_group(&self, group: GroupId, mode: Mode) -> io::Result<Group> {
+        if let Some(g) = self.group(group) {
+            if g.mode != mode {
+                return Err(io::Error::other(format!("group {group} exists in mode {:?}", g.mode)));
+            }
+            return Ok(g);
+        }
+        let mut batch = WriteBatch::new();
+        batch.put(Cf::RaftMeta, keys::group_tag(group, meta_tag::GROUP_INFO), codec::seal(&[mode.tag()]));
+        self.engine.write(batch)?;
+        self.syncer.sync().await?;
+        self.start_group(group, mode).await
+    }
+
+    /// Bootstraps `group` with `members` as its voters. Only one replica may do this, once.
+    pub async fn initialize_group(&self, group: GroupId, members: BTreeMap<NodeId, BasicNode>) -> io::Result<()> {
+        let g = self.group(group).ok_or_else(|| io::Error::other(format!("group {group} is not hosted here")))?;
+        g.raft.initialize(members).await.map_err(|e| io::Error::other(format!("group {group}: {e}")))
+    }
+
+    pub fn group(&self, group: GroupId) -> Option<Group> {
+        self.groups.read().unwrap_or_else(|p| p.into_inner()).get(&group).cloned()
+    }
+
+    pub fn groups(&self) -> Vec<Group> {
+        self.groups.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    /// Stops group `group` and deletes all of its data from this node.
+    pub async fn remove_group(&self, group: GroupId) -> io::Result<()> {
+        let removed = self.groups.write().unwrap_or_else(|p| p.into_inner()).remove(&group);
+        if let Some(g) = removed {
+            g.raft.shutdown().await.map_err(|e| io::Error::other(format!("group {group}: shutdown: {e}")))?;
+        }
+        let (from, to) = keys::group_range(group);
+        let mut batch = WriteBatch::new();
+        for cf in Cf::ALL {
+            batch.delete_range(cf, from.clone(), to.clone());
+        }
+        self.engine.write(batch)?;
+        self.syncer.sync().await?;
+        for cf in Cf::ALL {
+            self.engine.reclaim_range(cf, &from, &to)?;
+        }
+        Ok(())
+    }
+
+    /// Stops every group.
+    pub async fn shutdown(&self) {
+        let groups: Vec<Group> =
+            self.groups.write().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, g)| g).collect();
+        for g in groups {
+            if let Err(e) = g.raft.shutdown().await {
+                tracing::warn!(group = g.id, "shutdown: {e}");
+            }
+        }
+    }
+}
+
+/// The transport service holds its node weakly: connection tasks may outlive a stopped node, and must not
+/// keep its groups (and the engine under them) alive.
+impl GroupLookup for Weak<RaftNode> {
+    fn raft(&self, group: GroupId) -> Option<GroupRaft> {
+        self.upgrade()?.group(group).map(|g| g.raft)
+    }
+}
+
+impl RaftNode {
+    /// The gRPC service that receives peers' Raft RPCs for every group of this node.
+    pub fn transport_service(self: &Arc<Self>) -> RaftTransportServer<RaftTransportService<Weak<RaftNode>>> {
+        RaftTransportService::new(Arc::new(Arc::downgrade(self))).into_server()
+    }
+}

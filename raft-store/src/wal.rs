@@ -1,0 +1,234 @@
+//! Group commit: one thread per node makes the writes of every Raft group durable.
+//!
+//! Log stores write their entries to the engine without syncing (visible at once, durable later) and then
+//! queue a [`SyncJob`] here. The syncer thread blocks for the first job, drains every job already queued,
+//! calls [`Engine::sync_wal`] once, and only then completes each job in queue order. While one fsync runs
+//! the next group of jobs gathers, so throughput follows the arrival rate rather than the fsync rate.
+//!
+//! Architecture Invariant: a job completes successfully only after a `sync_wal` that began after the job
+//! was queued, hence after the write it covers returned. Once a sync fails the syncer is poisoned and fails
+//! every later job: after a failed fsync the kernel may have dropped dirty pages, so no later fsync can
+//! vouch for earlier writes.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crate::engine::Engine;
+
+/// What to do once a job's writes are durable (or can never be).
+pub type Completion = Box<dyn FnOnce(Result<(), io::Error>) + Send>;
+
+/// A request to make earlier writes durable.
+pub struct SyncJob {
+    /// Raft entries covered (for statistics).
+    pub entries: u64,
+    /// Bytes covered (for statistics).
+    pub bytes: u64,
+    pub done: Completion,
+}
+
+/// Counters of the syncer; the broker exports them as metrics.
+#[derive(Debug, Default)]
+pub struct SyncStats {
+    pub syncs: AtomicU64,
+    pub jobs: AtomicU64,
+    pub entries: AtomicU64,
+    pub bytes: AtomicU64,
+    pub sync_nanos_total: AtomicU64,
+    pub sync_nanos_max: AtomicU64,
+}
+
+/// A snapshot of [`SyncStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncStatsSnapshot {
+    pub syncs: u64,
+    pub jobs: u64,
+    pub entries: u64,
+    pub bytes: u64,
+    pub sync_nanos_total: u64,
+    pub sync_nanos_max: u64,
+}
+
+impl SyncStats {
+    pub fn snapshot(&self) -> SyncStatsSnapshot {
+        SyncStatsSnapshot {
+            syncs: self.syncs.load(Ordering::Relaxed),
+            jobs: self.jobs.load(Ordering::Relaxed),
+            entries: self.entries.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            sync_nanos_total: self.sync_nanos_total.load(Ordering::Relaxed),
+            sync_nanos_max: self.sync_nanos_max.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Handle to the node's syncer thread. When the last handle is dropped the thread completes every queued
+/// job and exits, and the drop waits for it, so the engine is released deterministically.
+#[derive(Clone)]
+pub struct WalSyncer {
+    inner: Arc<SyncerThread>,
+    stats: Arc<SyncStats>,
+}
+
+struct SyncerThread {
+    tx: Option<Sender<SyncJob>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for SyncerThread {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(handle) = self.thread.take() {
+            // A completion running on the syncer thread may drop the last handle: never join oneself.
+            if handle.thread().id() != std::thread::current().id() {
+                let _ = handle.join();
+            }
+        }
+    }
+}
+
+impl WalSyncer {
+    pub fn start(engine: Arc<dyn Engine>) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(SyncStats::default());
+        let thread_stats = stats.clone();
+        let spawned =
+            std::thread::Builder::new().name("flotilla-wal-sync".into()).spawn(move || run(engine, rx, thread_stats));
+        let thread = match spawned {
+            Ok(handle) => Some(handle),
+            Err(e) => {
+                // The receiver is gone with the closure, so every job fails instead of hanging.
+                tracing::error!("could not start the WAL sync thread: {e}");
+                None
+            }
+        };
+        Self { inner: Arc::new(SyncerThread { tx: Some(tx), thread }), stats }
+    }
+
+    /// Queues a job; `job.done` runs on the syncer thread once the sync covering it finishes.
+    pub fn submit(&self, job: SyncJob) {
+        let Some(tx) = &self.inner.tx else {
+            return (job.done)(Err(io::Error::other("the WAL sync thread has stopped")));
+        };
+        if let Err(mpsc::SendError(job)) = tx.send(job) {
+            (job.done)(Err(io::Error::other("the WAL sync thread has stopped")));
+        }
+    }
+
+    /// Makes every earlier write durable and waits for it.
+    pub async fn sync(&self) -> Result<(), io::Error> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit(SyncJob {
+            entries: 0,
+            bytes: 0,
+            done: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        });
+        rx.await.unwrap_or_else(|_| Err(io::Error::other("the WAL sync thread has stopped")))
+    }
+
+    pub fn stats(&self) -> &Arc<SyncStats> {
+        &self.stats
+    }
+}
+
+/// Upper bound on jobs completed by one fsync, so one sync never holds callbacks for long.
+const JOBS_PER_SYNC_MAX: usize = 8192;
+
+fn run(engine: Arc<dyn Engine>, rx: Receiver<SyncJob>, stats: Arc<SyncStats>) {
+    let mut poisoned: Option<String> = None;
+    let mut jobs: Vec<SyncJob> = Vec::new();
+    while let Ok(first) = rx.recv() {
+        jobs.push(first);
+        while jobs.len() < JOBS_PER_SYNC_MAX {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let result = match &poisoned {
+            Some(why) => Err(why.clone()),
+            None => {
+                let started = Instant::now();
+                let r = engine.sync_wal();
+                let nanos = started.elapsed().as_nanos() as u64;
+                stats.sync_nanos_total.fetch_add(nanos, Ordering::Relaxed);
+                stats.sync_nanos_max.fetch_max(nanos, Ordering::Relaxed);
+                r.map_err(|e| {
+                    let why = format!("WAL sync failed; refusing all later syncs: {e}");
+                    tracing::error!("{why}");
+                    poisoned = Some(why.clone());
+                    why
+                })
+            }
+        };
+        if result.is_ok() {
+            stats.syncs.fetch_add(1, Ordering::Relaxed);
+            stats.jobs.fetch_add(jobs.len() as u64, Ordering::Relaxed);
+            stats.entries.fetch_add(jobs.iter().map(|j| j.entries).sum(), Ordering::Relaxed);
+            stats.bytes.fetch_add(jobs.iter().map(|j| j.bytes).sum(), Ordering::Relaxed);
+        }
+        for job in jobs.drain(..) {
+            (job.done)(result.clone().map_err(io::Error::other));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Cf, MemEngine, WriteBatch};
+    use bytes::Bytes;
+    use std::sync::atomic::AtomicBool;
+
+    #[tokio::test]
+    async fn no_job_completes_before_its_sync() {
+        let engine = Arc::new(MemEngine::new());
+        let syncer = WalSyncer::start(engine.clone());
+        engine.pause_syncs(true);
+        let mut b = WriteBatch::new();
+        b.put(Cf::Log, b"k".to_vec(), Bytes::from_static(b"v"));
+        engine.write(b).expect("write");
+        let done = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let flag = done.clone();
+        syncer.submit(SyncJob {
+            entries: 1,
+            bytes: 2,
+            done: Box::new(move |r| {
+                flag.store(true, Ordering::SeqCst);
+                let _ = tx.send(r.is_ok());
+            }),
+        });
+        // The sync is blocked: give the syncer thread every chance to (wrongly) complete the job.
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+            std::thread::yield_now();
+        }
+        assert!(!done.load(Ordering::SeqCst), "job completed while its sync was blocked");
+        assert_eq!(engine.syncs(), 0);
+        engine.pause_syncs(false);
+        assert!(rx.await.expect("completion"));
+        assert!(engine.syncs() >= 1);
+        engine.crash();
+        assert_eq!(engine.get(Cf::Log, b"k").expect("get"), Some(Bytes::from_static(b"v")));
+        let s = syncer.stats().snapshot();
+        assert_eq!((s.entries, s.bytes), (1, 2));
+    }
+
+    #[tokio::test]
+    async fn a_failed_sync_poisons_every_later_job() {
+        let engine = Arc::new(MemEngine::new());
+        let syncer = WalSyncer::start(engine.clone());
+        engine.set_failing(Some("disk full"));
+        assert!(syncer.sync().await.is_err());
+        engine.set_failing(None);
+        let err = syncer.sync().await.expect_err("poisoned");
+        assert!(err.to_string().contains("disk full"), "{err}");
+    }
+}

@@ -1,0 +1,320 @@
+//! In-process clusters of three nodes talking over the real tonic transport on 127.0.0.1, each on its
+//! own RocksDB: replication of many groups, and retention cuts with a follower offline across the cut.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use openraft::BasicNode;
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+
+use flotilla_raft_store::engine::{Engine, RocksConfig, RocksEngine};
+use flotilla_raft_store::node::{Group, RaftNode, RaftTiming};
+use flotilla_raft_store::partition::{self, ReadError};
+use flotilla_raft_store::record_batch::{self, ProducerInfo, Record};
+use flotilla_raft_store::state_machine::{Mode, encode_batches};
+use flotilla_raft_store::types::Response;
+
+const TIMING: RaftTiming =
+    RaftTiming { heartbeat_interval_ms: 100, election_timeout_min_ms: 500, election_timeout_max_ms: 1000 };
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A running node. Its transport server runs on a runtime of its own, so stopping the node drops every
+/// connection at once, as the death of a process would.
+struct RunningNode {
+    node: Arc<RaftNode>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: std::thread::JoinHandle<()>,
+}
+
+struct Cluster {
+    _root: TempDir,
+    dirs: BTreeMap<u64, PathBuf>,
+    addrs: BTreeMap<u64, String>,
+    running: BTreeMap<u64, RunningNode>,
+}
+
+/// Polls `cond` until it holds, failing the test after [`WAIT`].
+async fn wait_for(what: &str, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn open_engine(dir: &Path) -> Arc<dyn Engine> {
+    // A stopped node's engine is released once its last Raft task has finished: retry while it lingers.
+    let mut last_err = None;
+    for _ in 0..500 {
+        match RocksEngine::open(dir, &RocksConfig::default()) {
+            Ok(e) => return Arc::new(e),
+            Err(e) => last_err = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("could not reopen {dir:?}: {last_err:?}");
+}
+
+fn serve(
+    node: &Arc<RaftNode>,
+    listener: std::net::TcpListener,
+) -> (tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>) {
+    let service = node.transport_service();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("server runtime");
+        rt.block_on(async move {
+            listener.set_nonblocking(true).expect("nonblocking");
+            let listener = TcpListener::from_std(listener).expect("listener");
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            let server = tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming);
+            tokio::select! {
+                r = server => r.expect("raft transport server"),
+                _ = stopped => {}
+            }
+        });
+        // Dropping the runtime here cancels every connection task of this server.
+    });
+    (stop, thread)
+}
+
+impl Cluster {
+    async fn start(n: u64) -> Cluster {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let root = tempfile::tempdir().expect("tempdir");
+        let mut cluster =
+            Cluster { dirs: BTreeMap::new(), addrs: BTreeMap::new(), running: BTreeMap::new(), _root: root };
+        for id in 1..=n {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("addr").to_string();
+            let dir = cluster._root.path().join(format!("node-{id}"));
+            cluster.dirs.insert(id, dir.clone());
+            cluster.addrs.insert(id, addr);
+            let node = RaftNode::open(id, open_engine(&dir).await, TIMING).await.expect("open node");
+            let (stop, server) = serve(&node, listener);
+            cluster.running.insert(id, RunningNode { node, stop, server });
+        }
+        cluster
+    }
+
+    fn members(&self) -> BTreeMap<u64, BasicNode> {
+        self.addrs.iter().map(|(id, addr)| (*id, BasicNode::new(addr.clone()))).collect()
+    }
+
+    fn node(&self, id: u64) -> &Arc<RaftNode> {
+        &self.running.get(&id).expect("node running").node
+    }
+
+    /// Creates log-mode group `g` on every node; node `g % n + 1` bootstraps it, spreading leaders.
+    async fn create_group(&self, g: u64) {
+        for r in self.running.values() {
+            r.node.create_group(g, Mode::Log).await.expect("create group");
+        }
+        let first = g % self.addrs.len() as u64 + 1;
+        self.node(first).initialize_group(g, self.members()).await.expect("initialize");
+    }
+
+    /// The group's handle on its current leader.
+    async fn leader(&self, g: u64) -> Group {
+        let mut found = None;
+        wait_for(&format!("a leader of group {g}"), async || {
+            for r in self.running.values() {
+                if let Some(group) = r.node.group(g)
+                    && group.is_leader(r.node.id())
+                {
+                    found = Some(group);
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        found.expect("leader")
+    }
+
+    /// Appends `records` as one entry through the leader; returns the assigned base offset.
+    async fn append(&self, g: u64, records: &[Record]) -> u64 {
+        let batch = record_batch::build(records, ProducerInfo::NONE);
+        loop {
+            let leader = self.leader(g).await;
+            match leader.raft.client_write(encode_batches(std::slice::from_ref(&batch))).await {
+                Ok(resp) => match resp.data {
+                    Response::Appended { base_offset, last_offset } => {
+                        assert_eq!(last_offset + 1 - base_offset, records.len() as u64);
+                        return base_offset;
+                    }
+                    other => panic!("unexpected response {other:?}"),
+                },
+                // Leadership moved between the lookup and the write: look again.
+                Err(e) if e.forward_to_leader().is_some() => continue,
+                Err(e) => panic!("write to group {g} failed: {e}"),
+            }
+        }
+    }
+
+    async fn stop(&mut self, id: u64) {
+        let r = self.running.remove(&id).expect("running");
+        r.node.shutdown().await;
+        let _ = r.stop.send(());
+        tokio::task::spawn_blocking(move || r.server.join().expect("server thread")).await.expect("join");
+    }
+
+    async fn restart(&mut self, id: u64) {
+        let addr = self.addrs[&id].clone();
+        let listener = std::net::TcpListener::bind(&addr).expect("rebind");
+        let node = RaftNode::open(id, open_engine(&self.dirs[&id]).await, TIMING).await.expect("reopen node");
+        let (stop, server) = serve(&node, listener);
+        self.running.insert(id, RunningNode { node, stop, server });
+    }
+
+    async fn shutdown(mut self) {
+        let ids: Vec<u64> = self.running.keys().copied().collect();
+        for id in ids {
+            self.stop(id).await;
+        }
+    }
+}
+
+fn record(g: u64, i: u64) -> Record {
+    Record {
+        key: Some(Bytes::from(format!("key-{}", i % 7))),
+        value: Some(Bytes::from(format!("g{g}-value-{i}"))),
+        headers: vec![],
+        timestamp_ms: 1_700_000_000_000 + i as i64,
+    }
+}
+
+/// Every record of group `g` readable on node `id` from `from` to the high watermark, as (offset, value).
+fn read_all(node: &RaftNode, g: u64, from: u64) -> Vec<(i64, Bytes)> {
+    let group = node.group(g).expect("group hosted");
+    let mut out = Vec::new();
+    let mut next = from;
+    loop {
+        let (batches, state) = partition::read(&group.sm, next, 64 << 10).expect("read");
+        for b in &batches {
+            for r in record_batch::records(&b.bytes).expect("valid batch") {
+                let r = r.expect("record");
+                if r.offset >= from as i64 {
+                    out.push((r.offset, r.record.value.expect("value")));
+                }
+            }
+            next = b.last_offset + 1;
+        }
+        if batches.is_empty() || next >= state.high_watermark {
+            return out;
+        }
+    }
+}
+
+async fn wait_high_watermark(cluster: &Cluster, g: u64, ids: &[u64], hw: u64) {
+    for id in ids {
+        let node = cluster.node(*id).clone();
+        wait_for(&format!("group {g} on node {id} to reach high watermark {hw}"), async || {
+            node.group(g).is_some_and(|grp| grp.sm.partition_state().high_watermark >= hw)
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_groups_replicate_ten_thousand_records_densely_to_every_replica() {
+    const GROUPS: u64 = 50;
+    const ENTRIES_PER_GROUP: u64 = 20;
+    const RECORDS_PER_ENTRY: u64 = 10;
+    let cluster = Cluster::start(3).await;
+    for g in 1..=GROUPS {
+        cluster.create_group(g).await;
+    }
+    // Leaders spread: every node bootstrapped a third of the groups.
+    let writers = (1..=GROUPS).map(|g| {
+        let cluster = &cluster;
+        async move {
+            for e in 0..ENTRIES_PER_GROUP {
+                let records: Vec<Record> =
+                    (0..RECORDS_PER_ENTRY).map(|r| record(g, e * RECORDS_PER_ENTRY + r)).collect();
+                let base = cluster.append(g, &records).await;
+                assert_eq!(base, e * RECORDS_PER_ENTRY, "group {g}: offsets are dense and in order");
+            }
+        }
+    });
+    futures::future::join_all(writers).await;
+    let per_group = ENTRIES_PER_GROUP * RECORDS_PER_ENTRY;
+    for g in 1..=GROUPS {
+        wait_high_watermark(&cluster, g, &[1, 2, 3], per_group).await;
+        let expected: Vec<(i64, Bytes)> =
+            (0..per_group).map(|i| (i as i64, record(g, i).value.expect("value"))).collect();
+        for id in 1..=3 {
+            assert_eq!(read_all(cluster.node(id), g, 0), expected, "group {g} on node {id}");
+        }
+    }
+    let stats: Vec<_> = (1..=3).map(|id| cluster.node(id).sync_stats()).collect();
+    assert!(stats.iter().all(|s| s.syncs > 0 && s.entries >= GROUPS * ENTRIES_PER_GROUP));
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_offline_across_a_retention_cut_catches_up_and_restarts_serve_from_the_cut() {
+    const G: u64 = 9;
+    let mut cluster = Cluster::start(3).await;
+    cluster.create_group(G).await;
+    let five = |from: u64| (from..from + 5).map(|i| record(G, i)).collect::<Vec<_>>();
+    for e in 0..30 {
+        cluster.append(G, &five(e * 5)).await;
+    }
+    wait_high_watermark(&cluster, G, &[1, 2, 3], 150).await;
+    // Take a follower offline.
+    let leader_id = cluster.leader(G).await.metrics().id;
+    let offline = (1..=3).find(|id| *id != leader_id).expect("a follower");
+    cluster.stop(offline).await;
+    for e in 30..60 {
+        cluster.append(G, &five(e * 5)).await;
+    }
+    let live: Vec<u64> = (1..=3).filter(|id| *id != offline).collect();
+    wait_high_watermark(&cluster, G, &live, 300).await;
+    // Retention on every live replica removes everything below offset 200.
+    for id in &live {
+        let group = cluster.node(*id).group(G).expect("group");
+        let cut = group.retention_cut(200).await.expect("cut").expect("a cut below 200");
+        assert_eq!(cut.start_offset, 200);
+        let node = cluster.node(*id).clone();
+        wait_for("the log purged up to the cut", async || {
+            let m = node.group(G).expect("group").metrics();
+            m.purged.is_some_and(|p| p.index >= cut.index)
+        })
+        .await;
+        assert_eq!(group.sm.partition_state().log_start_offset, 200);
+        assert!(matches!(
+            partition::read(&group.sm, 0, 1 << 20),
+            Err(ReadError::OffsetOutOfRange { log_start_offset: 200, .. })
+        ));
+    }
+    for e in 60..70 {
+        cluster.append(G, &five(e * 5)).await;
+    }
+    let expected: Vec<(i64, Bytes)> = (200..350).map(|i| (i as i64, record(G, i).value.expect("value"))).collect();
+    // The follower comes back: the entries it misses are purged, so it installs the snapshot at the cut
+    // and then receives the rest of the log. No gap, same records.
+    cluster.restart(offline).await;
+    wait_high_watermark(&cluster, G, &[offline], 350).await;
+    assert_eq!(cluster.node(offline).group(G).expect("group").sm.partition_state().log_start_offset, 200);
+    for id in 1..=3 {
+        assert_eq!(read_all(cluster.node(id), G, 200), expected, "node {id} after catch-up");
+    }
+    // A restart after the purge serves from the new start offset.
+    let restarted = live[0];
+    cluster.stop(restarted).await;
+    cluster.restart(restarted).await;
+    wait_high_watermark(&cluster, G, &[restarted], 350).await;
+    let group = cluster.node(restarted).group(G).expect("group");
+    assert_eq!(group.sm.partition_state().log_start_offset, 200);
+    assert_eq!(read_all(cluster.node(restarted), G, 200), expected, "node {restarted} after restart");
+    cluster.shutdown().await;
+}
