@@ -1,7 +1,8 @@
 # Sourced by deploy/local-cluster.sh and .ci/run: installs what a build needs and picks the build cache.
 
 # rocksdb's build runs bindgen, which needs libclang.
-if ! compgen -G "/usr/lib/llvm-*/lib/libclang*.so*" >/dev/null; then
+# (libclang-cpp alone, which other packages pull in, does not count.)
+if ! compgen -G "/usr/lib/llvm-*/lib/libclang.so*" >/dev/null; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
