@@ -503,27 +503,38 @@ async fn every_broker_serves_prometheus_metrics() {
     client.create_topic("observed", 1, 3, vec![]).await.expect("create");
     let ack = client.produce("observed", Some(0), vec![record("k", "v".into())]).await.expect("produce");
     client.fetch("observed", 0, ack.base_offset, 1 << 20, 0).await.expect("fetch");
-    let leader = client.describe_topic("observed").await.expect("describe").partitions[0].leader;
-    let metrics_addr = cluster.metrics[&leader].clone();
-    let mut samples = Vec::new();
-    wait_for("the leader's metrics", async || {
-        samples = match http_get(&metrics_addr, "/metrics").await {
-            Some(body) => parse_prometheus(&body),
-            None => return false,
-        };
-        let has = |name: &str| samples.iter().any(|(s, _)| s.starts_with(name));
-        has("flotilla_produce_requests_total")
-            && has("flotilla_produce_latency_seconds_bucket")
-            && has("flotilla_fetch_requests_total")
-            && has("flotilla_storage_fsyncs_total")
-            && has("flotilla_partition_high_watermark")
-            && has("flotilla_raft_follower_lag_entries")
+    // Gauges are sampled once a second and leadership may move to the preferred leader at any time, so
+    // wait until every node's scrape shows the produced record rather than reading one node once.
+    let hwm = "flotilla_partition_high_watermark{topic=\"observed\",partition=\"0\"}";
+    let produced = "flotilla_produce_records_total{topic=\"observed\",partition=\"0\"}";
+    let mut scrapes: BTreeMap<u64, Vec<(String, f64)>> = BTreeMap::new();
+    wait_for("every node's metrics to show the produced record", async || {
+        for (id, addr) in &cluster.metrics {
+            match http_get(addr, "/metrics").await {
+                Some(body) => scrapes.insert(*id, parse_prometheus(&body)),
+                None => return false,
+            };
+        }
+        let value = |samples: &[(String, f64)], name: &str| samples.iter().find(|(s, _)| s == name).map(|(_, v)| *v);
+        scrapes.values().all(|s| value(s, hwm) == Some(1.0))
+            && scrapes.values().filter_map(|s| value(s, produced)).sum::<f64>() == 1.0
     })
     .await;
-    let value = |prefix: &str| samples.iter().find(|(s, _)| s.starts_with(prefix)).map(|(_, v)| *v);
-    assert_eq!(value("flotilla_produce_records_total{topic=\"observed\",partition=\"0\"}"), Some(1.0));
-    assert_eq!(value("flotilla_partition_high_watermark{topic=\"observed\",partition=\"0\"}"), Some(1.0));
-    assert!(value("flotilla_storage_fsyncs_total").is_some_and(|v| v >= 1.0));
+    let everywhere = |name: &str| scrapes.values().all(|s| s.iter().any(|(series, _)| series.starts_with(name)));
+    let somewhere = |name: &str| scrapes.values().any(|s| s.iter().any(|(series, _)| series.starts_with(name)));
+    for name in ["flotilla_storage_fsyncs_total", "flotilla_raft_term", "flotilla_partition_leaderships"] {
+        assert!(everywhere(name), "a node does not export {name}");
+    }
+    for name in [
+        "flotilla_produce_requests_total",
+        "flotilla_produce_latency_seconds_bucket",
+        "flotilla_fetch_requests_total",
+        "flotilla_raft_follower_lag_entries",
+    ] {
+        assert!(somewhere(name), "no node exports {name}");
+    }
+    let fsyncs = scrapes.values().filter_map(|s| s.iter().find(|(n, _)| n == "flotilla_storage_fsyncs_total"));
+    assert!(fsyncs.clone().count() == 3 && fsyncs.into_iter().all(|(_, v)| *v >= 1.0), "every node has fsynced");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
