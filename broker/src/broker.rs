@@ -37,6 +37,8 @@ pub struct BrokerConfig {
     pub timing: RaftTiming,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Peers whose Raft traffic goes to another address than the initial cluster's (a proxy, a NAT).
+    pub raft_peer_routes: BTreeMap<NodeId, String>,
 }
 
 /// Parses `1=127.0.0.1:9401,2=127.0.0.1:9402`.
@@ -71,6 +73,9 @@ impl BrokerConfig {
                 self.initial_cluster
             );
         };
+        if let Some(id) = self.raft_peer_routes.keys().find(|id| !self.initial_cluster.contains_key(id)) {
+            bail!("--raft-peer-route names node {id}, which is not in the initial cluster");
+        }
         let own: SocketAddr = own.parse().context("own address")?;
         if own.port() != self.listen.port() {
             bail!(
@@ -153,7 +158,10 @@ impl Broker {
             RocksEngine::open(db_path(&config.data_dir), &RocksConfig::default())
                 .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?,
         );
-        let node = RaftNode::open(config.node_id, engine, config.timing).await.context("cannot open raft groups")?;
+        let routes = config.raft_peer_routes.iter().map(|(id, addr)| (*id, addr.clone())).collect();
+        let node = RaftNode::open_routed(config.node_id, engine, config.timing, routes)
+            .await
+            .context("cannot open raft groups")?;
         let controller = node.create_group(CONTROLLER_GROUP, Mode::Kv).await.context("controller group")?;
         let first = config.initial_cluster.keys().next().copied();
         if first == Some(config.node_id) && !controller.is_initialized().await.context("controller state")? {
@@ -263,6 +271,7 @@ mod tests {
             initial_cluster,
             timing: RaftTiming::default(),
             metrics_listen: None,
+            raft_peer_routes: BTreeMap::new(),
         }
     }
 

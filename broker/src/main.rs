@@ -12,7 +12,8 @@ use flotilla_raft_store::node::RaftTiming;
 #[derive(Parser, Debug)]
 #[command(name = "flotilla-broker", version, about = "A Flotilla broker node")]
 struct Args {
-    /// A TOML file with any of: node_id, data_dir, listen, initial_cluster, log_format, metrics_listen.
+    /// A TOML file with any of: node_id, data_dir, listen, initial_cluster, log_format, metrics_listen,
+    /// raft_peer_routes.
     #[arg(long, env = "FLOTILLA_CONFIG")]
     config: Option<PathBuf>,
     /// This node's id (>= 1, listed in --initial-cluster, never reused).
@@ -33,6 +34,10 @@ struct Args {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, env = "FLOTILLA_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Dial these peers' Raft traffic at other addresses (a proxy, a NAT): ID=HOST:PORT,... Clients and
+    /// request forwarding still use the initial cluster's addresses.
+    #[arg(long, env = "FLOTILLA_RAFT_PEER_ROUTES")]
+    raft_peer_routes: Option<String>,
 }
 
 /// The `--config` file.
@@ -45,6 +50,7 @@ struct FileConfig {
     initial_cluster: Option<String>,
     log_format: Option<String>,
     metrics_listen: Option<SocketAddr>,
+    raft_peer_routes: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -76,6 +82,10 @@ fn main() -> anyhow::Result<()> {
         )?,
         timing: RaftTiming::default(),
         metrics_listen: args.metrics_listen.or(file.metrics_listen),
+        raft_peer_routes: match args.raft_peer_routes.or(file.raft_peer_routes) {
+            Some(routes) => parse_initial_cluster(&routes).context("--raft-peer-routes")?,
+            None => Default::default(),
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(flotilla_broker::server::run(config, shutdown_signal()))

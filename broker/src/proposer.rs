@@ -34,8 +34,10 @@ pub enum ProposeError {
     Group(GroupError),
     /// Committed but refused by the state machine (every replica refuses it alike).
     Rejected(String),
-    /// The proposer stopped (the group was dropped).
+    /// The proposer stopped (the group was dropped) before taking the request: nothing was proposed.
     Closed,
+    /// The proposer stopped after taking the request: it may have been proposed, so the outcome is unknown.
+    Abandoned,
 }
 
 struct Proposal {
@@ -66,7 +68,7 @@ impl Proposers {
         };
         let (reply, result) = oneshot::channel();
         queue.send(Proposal { batch, records, reply }).await.map_err(|_| ProposeError::Closed)?;
-        result.await.unwrap_or(Err(ProposeError::Closed))
+        result.await.unwrap_or(Err(ProposeError::Abandoned))
     }
 
     /// Stops the proposer of a dropped group.

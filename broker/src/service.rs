@@ -249,6 +249,10 @@ impl FlotillaService {
                 ProposeError::Group(e) => group_error(what, e),
                 ProposeError::Rejected(why) => BrokerError::new(ErrorCode::InvalidRequest, why),
                 ProposeError::Closed => BrokerError::not_leader(what, None),
+                ProposeError::Abandoned => BrokerError::new(
+                    ErrorCode::Timeout,
+                    format!("{what}: the write was abandoned when leadership moved; the outcome is unknown"),
+                ),
             })?;
         Ok((pb::PartitionAck { partition, base_offset, record_count: count }, size))
     }
@@ -497,6 +501,25 @@ impl Flotilla for FlotillaService {
             counter!("flotilla_fetch_records_total", &labels).increment(resp.records.len() as u64);
         }
         Ok(TonicResponse::new(result?))
+    }
+
+    async fn read_replica(
+        &self,
+        request: Request<pb::ReadReplicaRequest>,
+    ) -> Result<TonicResponse<pb::FetchResponse>, Status> {
+        let req = request.into_inner();
+        let topic = self.topic(&req.topic)?;
+        let group = self.partition_group(&topic, req.partition)?.ok_or_else(|| {
+            BrokerError::new(
+                ErrorCode::UnknownPartition,
+                format!(
+                    "node {} holds no replica of partition {}/{}",
+                    self.broker.config.node_id, topic.name, req.partition
+                ),
+            )
+        })?;
+        let max_bytes = if req.max_bytes == 0 { FETCH_BYTES_DEFAULT } else { req.max_bytes.min(FETCH_BYTES_MAX) };
+        Ok(TonicResponse::new(Self::read_records(&group, req.offset, max_bytes)?))
     }
 
     async fn list_offsets(

@@ -67,3 +67,23 @@ fn settings_come_from_the_config_file_and_flags_win() {
     let (ok, err) = broker(&["--config", config]);
     assert!(!ok && err.contains("invalid config file"), "{err}");
 }
+
+#[test]
+fn a_raft_peer_route_to_a_node_outside_the_cluster_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("d");
+    let (ok, err) = broker(&[
+        "--node-id",
+        "1",
+        "--data-dir",
+        data.to_str().expect("utf8"),
+        "--listen",
+        "127.0.0.1:19401",
+        "--initial-cluster",
+        "1=127.0.0.1:19401,2=127.0.0.1:19402",
+        "--raft-peer-routes",
+        "3=127.0.0.1:19403",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("names node 3, which is not in the initial cluster"), "{err}");
+}

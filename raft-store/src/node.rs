@@ -247,9 +247,20 @@ pub struct RaftNode {
 impl RaftNode {
     /// Opens the node and every group recorded in its engine.
     pub async fn open(id: NodeId, engine: Arc<dyn Engine>, timing: RaftTiming) -> io::Result<Arc<Self>> {
+        Self::open_routed(id, engine, timing, HashMap::new()).await
+    }
+
+    /// [`RaftNode::open`], dialling the peers in `routes` at the address given there instead of their
+    /// membership address.
+    pub async fn open_routed(
+        id: NodeId,
+        engine: Arc<dyn Engine>,
+        timing: RaftTiming,
+        routes: HashMap<NodeId, String>,
+    ) -> io::Result<Arc<Self>> {
         let syncer = WalSyncer::start(engine.clone());
-        let node =
-            Arc::new(Self { id, engine, syncer, pool: PeerPool::new(id), timing, groups: RwLock::new(HashMap::new()) });
+        let pool = PeerPool::new(id, routes);
+        let node = Arc::new(Self { id, engine, syncer, pool, timing, groups: RwLock::new(HashMap::new()) });
         for (group, mode) in node.recorded_groups()? {
             node.start_group(group, mode).await?;
         }

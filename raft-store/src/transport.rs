@@ -124,15 +124,19 @@ fn pb_membership(meta: &SnapshotMeta) -> Bytes {
 /// One lazily connected channel per peer node, shared by every group on this node.
 pub struct PeerPool {
     self_id: NodeId,
+    /// Peers whose Raft traffic is dialled at another address than their membership address (a proxy,
+    /// a NAT); the membership address still names the node everywhere else.
+    routes: HashMap<NodeId, String>,
     channels: Mutex<HashMap<(NodeId, String), Channel>>,
 }
 
 impl PeerPool {
-    pub fn new(self_id: NodeId) -> Arc<Self> {
-        Arc::new(Self { self_id, channels: Mutex::new(HashMap::new()) })
+    pub fn new(self_id: NodeId, routes: HashMap<NodeId, String>) -> Arc<Self> {
+        Arc::new(Self { self_id, routes, channels: Mutex::new(HashMap::new()) })
     }
 
     fn client(&self, target: NodeId, addr: &str) -> Result<RaftTransportClient<Channel>, String> {
+        let addr = self.routes.get(&target).map_or(addr, String::as_str);
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         let channel = match channels.get(&(target, addr.to_owned())) {
             Some(c) => c.clone(),
