@@ -18,7 +18,7 @@ use flotilla_proto::broker::ErrorCode;
 use flotilla_proto::broker::flotilla_client::FlotillaClient;
 use tonic::transport::Channel;
 
-/// How long a request keeps retrying retriable errors.
+/// How long a request keeps retrying retriable errors, by default.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
 const BACKOFF_FIRST: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_millis(1000);
@@ -38,6 +38,11 @@ pub struct Client {
     /// topic -> partition count.
     partitions: Mutex<HashMap<String, u32>>,
     sticky: AtomicU32,
+    deadline: Duration,
+    /// Go straight to partition leaders (true), or to the bootstrap brokers in turn and let them forward.
+    leader_routing: bool,
+    /// Which bootstrap broker the next unrouted request starts with.
+    next_bootstrap: AtomicU32,
 }
 
 impl Client {
@@ -49,7 +54,23 @@ impl Client {
             leaders: Mutex::new(HashMap::new()),
             partitions: Mutex::new(HashMap::new()),
             sticky: AtomicU32::new(0),
+            deadline: REQUEST_DEADLINE,
+            leader_routing: true,
+            next_bootstrap: AtomicU32::new(0),
         }
+    }
+
+    /// Without leader routing, requests go to the bootstrap brokers in turn, which forward them to the
+    /// leader: what a client without metadata pays (benchmark B5).
+    pub fn with_leader_routing(mut self, on: bool) -> Self {
+        self.leader_routing = on;
+        self
+    }
+
+    /// How long each request keeps retrying retriable errors ([`REQUEST_DEADLINE`] unless set).
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
     }
 
     fn channel(&self, addr: &str) -> Result<FlotillaClient<Channel>, BrokerError> {
@@ -68,10 +89,10 @@ impl Client {
         F: FnMut(FlotillaClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
-        let deadline = tokio::time::Instant::now() + REQUEST_DEADLINE;
+        let deadline = tokio::time::Instant::now() + self.deadline;
         let mut backoff = BACKOFF_FIRST;
         let mut target = first;
-        let mut attempt = 0usize;
+        let mut attempt = self.next_bootstrap.fetch_add(1, Ordering::Relaxed) as usize;
         loop {
             let addr = match target.take() {
                 Some(a) => a,
@@ -86,6 +107,10 @@ impl Client {
                 Err(status) => BrokerError::from_status(&status),
             };
             if !retriable(&err) || tokio::time::Instant::now() + backoff > deadline {
+                if let (ErrorCode::Timeout, Some((topic, partition))) = (err.code, key) {
+                    // The leader we asked may be gone or deposed: ask metadata afresh next time.
+                    self.leaders.lock().unwrap_or_else(|p| p.into_inner()).remove(&(topic.to_owned(), partition));
+                }
                 return Err(err);
             }
             if let Some((topic, partition)) = key {
@@ -96,7 +121,7 @@ impl Client {
                     None => leaders.remove(&(topic.to_owned(), partition)),
                 };
             }
-            if err.code == ErrorCode::NotLeader {
+            if err.code == ErrorCode::NotLeader && self.leader_routing {
                 // Go where the hint says, at once.
                 target = err.leader.clone();
                 if target.is_some() {
@@ -135,6 +160,9 @@ impl Client {
 
     /// The partition's leader: from the cache, else from fresh metadata (None if still unknown).
     async fn leader_of(&self, topic: &str, partition: u32) -> Option<String> {
+        if !self.leader_routing {
+            return None;
+        }
         if let Some(addr) = self.cached_leader(topic, partition) {
             return Some(addr);
         }
@@ -287,5 +315,20 @@ impl Client {
             async move { c.list_offsets(req).await.map(|r| r.into_inner().offset) }
         })
         .await
+    }
+
+    /// The replica of a partition held by the broker at `addr`, from `offset`, up to what it has applied.
+    /// Not routed and not retried: it asks that node only.
+    pub async fn read_replica(
+        &self,
+        addr: &str,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_bytes: u32,
+    ) -> Result<pb::FetchResponse, BrokerError> {
+        let req = pb::ReadReplicaRequest { topic: topic.to_owned(), partition, offset, max_bytes };
+        let mut c = self.channel(addr)?;
+        c.read_replica(req).await.map(|r| r.into_inner()).map_err(|s| BrokerError::from_status(&s))
     }
 }
