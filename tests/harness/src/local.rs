@@ -1,0 +1,257 @@
+//! The `local` target: N `flotilla-broker` processes on 127.0.0.x, each peer link through a [`Proxy`].
+//!
+//! Node `i` listens on 127.0.0.(10+i). Node A's Raft traffic to node B goes through proxy (A, B), so a
+//! partition cuts Raft links only: clients and request forwarding still reach every node, as in Jepsen's
+//! iptables rules on the Raft port. Processes are killed, stopped and continued by pid; only processes
+//! this target started are ever signalled.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::history::NodeLogLine;
+use crate::proxy::Proxy;
+
+pub struct Node {
+    pub id: u64,
+    pub addr: SocketAddr,
+    data_dir: PathBuf,
+    log: PathBuf,
+    routes: String,
+    child: Option<Child>,
+    paused: bool,
+}
+
+pub struct LocalCluster {
+    pub nodes: BTreeMap<u64, Node>,
+    proxies: BTreeMap<(u64, u64), Proxy>,
+    /// Nodes that exited without being told to, with how.
+    unexpected_exits: Vec<NodeLogLine>,
+    broker: PathBuf,
+    initial_cluster: String,
+}
+
+fn node_ip(id: u64) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10 + id as u8))
+}
+
+fn free_port(ip: IpAddr) -> anyhow::Result<u16> {
+    let l = TcpListener::bind(SocketAddr::new(ip, 0)).with_context(|| format!("cannot bind {ip}"))?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Sends `signal` (e.g. "-STOP") to a process this harness started.
+fn signal(pid: u32, signal: &str) -> anyhow::Result<()> {
+    let status = Command::new("kill").arg(signal).arg(pid.to_string()).status().context("running kill")?;
+    if !status.success() {
+        bail!("kill {signal} {pid} failed");
+    }
+    Ok(())
+}
+
+impl LocalCluster {
+    /// Starts `n` nodes (at most 200) with their data under `dir`.
+    pub async fn start(n: u64, dir: &Path, broker: PathBuf) -> anyhow::Result<LocalCluster> {
+        if !(1..=200).contains(&n) {
+            bail!("--nodes must be between 1 and 200");
+        }
+        let mut addrs = BTreeMap::new();
+        for id in 1..=n {
+            addrs.insert(id, SocketAddr::new(node_ip(id), free_port(node_ip(id))?));
+        }
+        let initial_cluster = addrs.iter().map(|(id, a)| format!("{id}={a}")).collect::<Vec<_>>().join(",");
+        let mut proxies = BTreeMap::new();
+        for &from in addrs.keys() {
+            for (&to, &target) in &addrs {
+                if from != to {
+                    let proxy = Proxy::start(SocketAddr::new(node_ip(from), 0), target).await?;
+                    proxies.insert((from, to), proxy);
+                }
+            }
+        }
+        let mut nodes = BTreeMap::new();
+        for (&id, &addr) in &addrs {
+            let routes = proxies
+                .iter()
+                .filter(|((from, _), _)| *from == id)
+                .map(|((_, to), p)| format!("{to}={}", p.addr))
+                .collect::<Vec<_>>()
+                .join(",");
+            let node = Node {
+                id,
+                addr,
+                data_dir: dir.join(format!("node-{id}")),
+                log: dir.join(format!("node-{id}.log")),
+                routes,
+                child: None,
+                paused: false,
+            };
+            nodes.insert(id, node);
+        }
+        let mut cluster = LocalCluster { nodes, proxies, unexpected_exits: Vec::new(), broker, initial_cluster };
+        for id in 1..=n {
+            cluster.start_node(id)?;
+        }
+        Ok(cluster)
+    }
+
+    pub fn bootstrap(&self) -> Vec<String> {
+        self.nodes.values().map(|n| n.addr.to_string()).collect()
+    }
+
+    pub fn ids(&self) -> Vec<u64> {
+        self.nodes.keys().copied().collect()
+    }
+
+    pub fn addr(&self, id: u64) -> Option<String> {
+        self.nodes.get(&id).map(|n| n.addr.to_string())
+    }
+
+    pub fn is_running(&self, id: u64) -> bool {
+        self.nodes.get(&id).is_some_and(|n| n.child.is_some())
+    }
+
+    fn node(&mut self, id: u64) -> anyhow::Result<&mut Node> {
+        self.nodes.get_mut(&id).with_context(|| format!("no node {id}"))
+    }
+
+    /// Starts a node that is not running (its data kept).
+    pub fn start_node(&mut self, id: u64) -> anyhow::Result<()> {
+        let broker = self.broker.clone();
+        let cluster = self.initial_cluster.clone();
+        let node = self.node(id)?;
+        let exited = match node.child.as_mut() {
+            Some(child) => child.try_wait()?,
+            None => None,
+        };
+        if let Some(status) = exited {
+            node.child = None;
+            let line = format!("exited on its own ({status}); restarted");
+            self.unexpected_exits.push(NodeLogLine { node: id, line });
+        }
+        let node = self.node(id)?;
+        if node.child.is_some() {
+            return Ok(());
+        }
+        let log = OpenOptions::new().create(true).append(true).open(&node.log)?;
+        let child = Command::new(&broker)
+            .arg("--node-id")
+            .arg(id.to_string())
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .arg("--listen")
+            .arg(node.addr.to_string())
+            .arg("--initial-cluster")
+            .arg(&cluster)
+            .arg("--raft-peer-routes")
+            .arg(&node.routes)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", broker.display()))?;
+        node.child = Some(child);
+        node.paused = false;
+        Ok(())
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self, id: u64) -> anyhow::Result<()> {
+        let node = self.node(id)?;
+        if let Some(mut child) = node.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        node.paused = false;
+        Ok(())
+    }
+
+    /// SIGTERM, then kill -9 if the node has not stopped within `grace`.
+    pub fn terminate(&mut self, id: u64, grace: Duration) -> anyhow::Result<()> {
+        let node = self.node(id)?;
+        let Some(mut child) = node.child.take() else { return Ok(()) };
+        if node.paused {
+            signal(child.id(), "-CONT")?;
+            node.paused = false;
+        }
+        signal(child.id(), "-TERM")?;
+        let deadline = Instant::now() + grace;
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                child.kill()?;
+                child.wait()?;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// SIGSTOP (true) or SIGCONT (false).
+    pub fn set_paused(&mut self, id: u64, paused: bool) -> anyhow::Result<()> {
+        let node = self.node(id)?;
+        if let Some(child) = &node.child
+            && node.paused != paused
+        {
+            signal(child.id(), if paused { "-STOP" } else { "-CONT" })?;
+            node.paused = paused;
+        }
+        Ok(())
+    }
+
+    /// Cuts or heals the Raft link `from` -> `to`.
+    pub fn set_cut(&self, from: u64, to: u64, cut: bool) {
+        if let Some(p) = self.proxies.get(&(from, to)) {
+            p.set_cut(cut);
+        }
+    }
+
+    /// Heals every link, continues every paused node and starts every stopped one.
+    pub fn heal_all(&mut self) -> anyhow::Result<()> {
+        for p in self.proxies.values() {
+            p.set_cut(false);
+        }
+        for id in self.ids() {
+            self.set_paused(id, false)?;
+            self.start_node(id)?;
+        }
+        Ok(())
+    }
+
+    /// Stops every node (continued first if paused): SIGTERM, then kill -9 after a grace period.
+    pub fn stop_all(&mut self) {
+        for id in self.ids() {
+            let _ = self.terminate(id, Duration::from_secs(5));
+        }
+    }
+
+    /// Lines of the node logs that report a panic or a failed assertion, and nodes that exited on their own.
+    pub fn panic_lines(&self) -> Vec<NodeLogLine> {
+        let mut out = self.unexpected_exits.clone();
+        for node in self.nodes.values() {
+            let Ok(text) = std::fs::read_to_string(&node.log) else { continue };
+            for line in text.lines() {
+                if line.contains("panicked at") || line.contains("assertion failed") {
+                    out.push(NodeLogLine { node: node.id, line: line.chars().take(400).collect() });
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for node in self.nodes.values_mut() {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! `flotilla-harness`: runs failover scenarios against a local cluster and checks what it saw.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use flotilla_harness::nemesis::FaultKind;
+use flotilla_harness::run::{RunConfig, run};
+use flotilla_harness::{report, scenario, selftest};
+
+#[derive(Parser)]
+#[command(name = "flotilla-harness", version, about = "Failover test harness for Flotilla")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Feeds the checker synthetic histories with each anomaly and proves each is flagged.
+    Selftest,
+    /// Lists the scenarios.
+    Scenarios,
+    /// Runs a scenario: workload + faults, then final reads, the checker and the gates.
+    Run {
+        /// S1-S6, S16, S19, S20.
+        #[arg(long)]
+        scenario: String,
+        /// Where the cluster runs: `local` (broker processes on 127.0.0.x).
+        #[arg(long, default_value = "local")]
+        target: String,
+        /// Length of the main phase, e.g. 300s, 5m or 300.
+        #[arg(long, default_value = "300s")]
+        duration: String,
+        /// Seed of the fault schedule and the workload's choices (random if not given; always printed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Replace the scenario's faults: e.g. kill,pause,partition.
+        #[arg(long, value_delimiter = ',')]
+        faults: Option<Vec<String>>,
+        #[arg(long, default_value_t = 5)]
+        nodes: u64,
+        #[arg(long, default_value_t = 3)]
+        topics: u32,
+        /// Partitions per topic (the scenario's default if not given).
+        #[arg(long)]
+        partitions: Option<u32>,
+        #[arg(long, default_value_t = 3)]
+        replication_factor: u32,
+        /// Sends per second, all writers together.
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 5)]
+        writers: u64,
+        #[arg(long, default_value_t = 2)]
+        consumers: u64,
+        /// Mean quiet gap between faults, seconds.
+        #[arg(long, default_value_t = 15.0)]
+        interval: f64,
+        /// New topics after this many sends per key.
+        #[arg(long, default_value_t = 1024)]
+        rotate_after: u64,
+        /// Where nodes keep data and logs, and the report goes (a fresh directory under the system's temp
+        /// directory if not given). Kept after a failed run; removed after a passed one unless --keep.
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+        #[arg(long)]
+        keep: bool,
+        /// Also write the JSON report here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// The flotilla-broker binary (default: beside this one, then PATH).
+        #[arg(long)]
+        broker: Option<PathBuf>,
+    },
+}
+
+fn parse_duration(s: &str) -> anyhow::Result<f64> {
+    let (number, unit) = match s.strip_suffix('s') {
+        Some(n) => (n, 1.0),
+        None => match s.strip_suffix('m') {
+            Some(n) => (n, 60.0),
+            None => (s, 1.0),
+        },
+    };
+    let v: f64 = number.parse().with_context(|| format!("--duration {s:?}: expected e.g. 300s, 5m or 300"))?;
+    if !(v > 0.0 && v.is_finite()) {
+        bail!("--duration must be positive");
+    }
+    Ok(v * unit)
+}
+
+fn find_broker(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p);
+    }
+    let exe = std::env::current_exe()?;
+    let beside = exe.with_file_name("flotilla-broker");
+    if beside.exists() {
+        return Ok(beside);
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join("flotilla-broker");
+            if candidate.exists() {
+                return Ok(candidate);
+            }
+        }
+    }
+    bail!("flotilla-broker was not found beside {} or on PATH; give --broker", exe.display())
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("flotilla-harness: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<bool> {
+    match Cli::parse().command {
+        Command::Selftest => {
+            let cases = selftest::run();
+            for c in &cases {
+                println!("{} {}", if c.passed { "ok  " } else { "FAIL" }, c.name);
+            }
+            let failed = cases.iter().filter(|c| !c.passed).count();
+            println!("checker self-test: {} cases, {failed} failed", cases.len());
+            Ok(failed == 0)
+        }
+        Command::Scenarios => {
+            for s in scenario::all() {
+                let faults: Vec<&str> = s.faults.iter().map(|k| k.name()).collect();
+                println!("{:<4} {} [{}]", s.name, s.title, faults.join(", "));
+            }
+            for (name, why) in scenario::not_yet() {
+                println!("{name:<4} not yet: {why}");
+            }
+            Ok(true)
+        }
+        Command::Run {
+            scenario,
+            target,
+            duration,
+            seed,
+            faults,
+            nodes,
+            topics,
+            partitions,
+            replication_factor,
+            rate,
+            writers,
+            consumers,
+            interval,
+            rotate_after,
+            work_dir,
+            keep,
+            report: report_path,
+            broker,
+        } => {
+            if target != "local" {
+                bail!("target {target:?} is not supported yet; use --target local");
+            }
+            let scenario = scenario::find(&scenario)?;
+            let faults: Vec<FaultKind> = match faults {
+                Some(names) => names.iter().map(|n| n.parse()).collect::<anyhow::Result<_>>()?,
+                None => scenario.faults.to_vec(),
+            };
+            if !(rate > 0.0 && rate.is_finite()) || writers == 0 || topics == 0 || rotate_after == 0 {
+                bail!("--rate, --writers, --topics and --rotate-after must be positive");
+            }
+            if !(interval >= 1.0 && interval.is_finite()) {
+                bail!("--interval must be at least 1 second");
+            }
+            if replication_factor == 0 || u64::from(replication_factor) > nodes {
+                bail!("--replication-factor must be between 1 and --nodes ({nodes})");
+            }
+            let partitions = partitions.unwrap_or(scenario.partitions);
+            if partitions == 0 {
+                bail!("--partitions must be positive");
+            }
+            let seed =
+                seed.unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64));
+            let work_dir = work_dir.unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("flotilla-harness-{seed}-{}", std::process::id()))
+            });
+            println!("scenario {} ({}), seed {seed}, work dir {}", scenario.name, scenario.title, work_dir.display());
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let config = RunConfig {
+                scenario,
+                faults,
+                seed,
+                duration: parse_duration(&duration)?,
+                nodes,
+                topics,
+                partitions,
+                replication_factor,
+                rate,
+                writers,
+                consumers,
+                interval,
+                rotate_after,
+                work_dir: work_dir.clone(),
+                broker: find_broker(broker)?,
+            };
+            let result = runtime.block_on(run(config))?;
+            print!("{}", report::summary(&result));
+            let json = serde_json::to_string_pretty(&result)?;
+            std::fs::write(work_dir.join("report.json"), &json)?;
+            std::fs::write(work_dir.join("history.json"), serde_json::to_string(&result.history)?)?;
+            if let Some(path) = report_path {
+                std::fs::write(&path, &json).with_context(|| format!("cannot write {}", path.display()))?;
+                println!("report: {}", path.display());
+            }
+            if result.passed && !keep {
+                std::fs::remove_dir_all(&work_dir)?;
+            } else {
+                println!("data, node logs, report.json and history.json: {}", work_dir.display());
+            }
+            Ok(result.passed)
+        }
+    }
+}

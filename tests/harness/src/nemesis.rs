@@ -1,0 +1,331 @@
+//! The nemesis: a fault schedule drawn from the seed, and the faults themselves on a [`LocalCluster`].
+//!
+//! Faults run one at a time: inject, hold, heal, then a quiet gap (exponential, mean `interval`). Kinds are
+//! drawn round-robin from a seeded shuffle, so a run long enough for one fault of each kind fires every
+//! kind (the coverage gate). Which node a fault hits is drawn from the seed too, except where it chases
+//! leaders, which depends on where leadership is at that moment.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::bail;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::local::LocalCluster;
+
+/// A kind of fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultKind {
+    /// kill -9 one node (half the time the node leading most partitions), restart after the hold.
+    Kill,
+    /// SIGTERM one node, restart after the hold.
+    Term,
+    /// SIGSTOP one node, a minority, or the leaders; SIGCONT after the hold.
+    Pause,
+    /// Cut Raft links: one, majority, minority-third, majorities-ring, primaries or one-way.
+    Partition,
+    /// kill -9 every node at once, restart all after the hold.
+    KillAll,
+    /// Stop the node leading most partitions (SIGTERM for the first five bounces, then kill -9) and start
+    /// it again: a rolling bounce that chases the leader.
+    Bounce,
+}
+
+impl FaultKind {
+    pub const ALL: [FaultKind; 6] = [
+        FaultKind::Kill,
+        FaultKind::Term,
+        FaultKind::Pause,
+        FaultKind::Partition,
+        FaultKind::KillAll,
+        FaultKind::Bounce,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::Kill => "kill",
+            FaultKind::Term => "term",
+            FaultKind::Pause => "pause",
+            FaultKind::Partition => "partition",
+            FaultKind::KillAll => "kill-all",
+            FaultKind::Bounce => "bounce",
+        }
+    }
+}
+
+impl fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for FaultKind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match FaultKind::ALL.iter().find(|k| k.name() == s) {
+            Some(k) => Ok(*k),
+            None => {
+                let known: Vec<&str> = FaultKind::ALL.iter().map(|k| k.name()).collect();
+                bail!("unknown fault {s:?}; known faults: {}", known.join(", "))
+            }
+        }
+    }
+}
+
+/// One planned fault.
+#[derive(Debug, Clone, Serialize)]
+pub struct Planned {
+    pub at: f64,
+    pub kind: FaultKind,
+    pub hold: f64,
+    /// Seeds the fault's own choices (which node, which shape).
+    #[serde(skip)]
+    pub seed: u64,
+}
+
+/// Plans faults from `seed` over `[5 s, duration)`, holds of 5-15 s, quiet gaps with mean `interval`.
+pub fn schedule(seed: u64, kinds: &[FaultKind], duration: f64, interval: f64) -> Vec<Planned> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut order = kinds.to_vec();
+    order.shuffle(&mut rng);
+    let mut out = Vec::new();
+    let mut t = 5.0;
+    if order.is_empty() {
+        return out;
+    }
+    loop {
+        let kind = order[out.len() % order.len()];
+        let hold = rng.random_range(5.0..15.0);
+        if t + hold > duration {
+            return out;
+        }
+        out.push(Planned { at: t, kind, hold, seed: rng.random() });
+        // Exponential gap, at least 2 s, at most 3 intervals.
+        let u: f64 = rng.random_range(f64::EPSILON..1.0);
+        t += hold + (-u.ln() * interval).clamp(2.0, 3.0 * interval);
+    }
+}
+
+/// What an injected fault did, to undo it.
+pub enum Heal {
+    Restart(Vec<u64>),
+    Resume(Vec<u64>),
+    Reconnect(Vec<(u64, u64)>),
+}
+
+/// An injected fault: what it did, in words, and how to heal it.
+pub struct Injected {
+    pub description: String,
+    pub heal: Heal,
+}
+
+/// `count` nodes, those leading the most partitions first (ties by id).
+fn busiest(leaderships: &BTreeMap<u64, u32>, ids: &[u64], count: usize) -> Vec<u64> {
+    let mut ranked = ids.to_vec();
+    ranked.sort_by_key(|id| (std::cmp::Reverse(leaderships.get(id).copied().unwrap_or(0)), *id));
+    ranked.truncate(count);
+    ranked
+}
+
+/// Cuts every link between `a` and `b`, both ways; returns the cut links.
+fn cut_between(a: &[u64], b: &[u64]) -> Vec<(u64, u64)> {
+    let mut links = Vec::new();
+    for &x in a {
+        for &y in b {
+            if x != y {
+                links.push((x, y));
+                links.push((y, x));
+            }
+        }
+    }
+    links
+}
+
+fn describe(nodes: &[u64]) -> String {
+    nodes.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// Injects `p` into the cluster. `leaderships` is each node's partition leadership count right now;
+/// `bounces` counts earlier bounces (the first five use SIGTERM).
+pub fn inject(
+    cluster: &mut LocalCluster,
+    p: &Planned,
+    leaderships: &BTreeMap<u64, u32>,
+    bounces: usize,
+) -> anyhow::Result<Injected> {
+    let mut rng = StdRng::seed_from_u64(p.seed);
+    let ids = cluster.ids();
+    let n = ids.len();
+    let minority = (n - 1) / 2;
+    let random_node = ids[rng.random_range(0..n)];
+    let leader = busiest(leaderships, &ids, 1).first().copied().unwrap_or(random_node);
+    Ok(match p.kind {
+        FaultKind::Kill => {
+            let target = if rng.random_bool(0.5) { leader } else { random_node };
+            cluster.kill(target)?;
+            Injected { description: format!("kill -9 node {target}"), heal: Heal::Restart(vec![target]) }
+        }
+        FaultKind::Term => {
+            let target = if rng.random_bool(0.5) { leader } else { random_node };
+            cluster.terminate(target, Duration::from_secs(10))?;
+            Injected { description: format!("SIGTERM node {target}"), heal: Heal::Restart(vec![target]) }
+        }
+        FaultKind::KillAll => {
+            for &id in &ids {
+                cluster.kill(id)?;
+            }
+            Injected { description: "kill -9 every node".into(), heal: Heal::Restart(ids.clone()) }
+        }
+        FaultKind::Bounce => {
+            if bounces < 5 {
+                cluster.terminate(leader, Duration::from_secs(10))?;
+            } else {
+                cluster.kill(leader)?;
+            }
+            let how = if bounces < 5 { "SIGTERM" } else { "kill -9" };
+            Injected {
+                description: format!("bounce the leader, node {leader} ({how})"),
+                heal: Heal::Restart(vec![leader]),
+            }
+        }
+        FaultKind::Pause => {
+            let (shape, targets) = match rng.random_range(0..3) {
+                0 => ("one", vec![random_node]),
+                1 => {
+                    let mut shuffled = ids.clone();
+                    shuffled.shuffle(&mut rng);
+                    shuffled.truncate(minority.max(1));
+                    ("minority", shuffled)
+                }
+                _ => ("leaders", busiest(leaderships, &ids, minority.max(1))),
+            };
+            for &id in &targets {
+                cluster.set_paused(id, true)?;
+            }
+            Injected {
+                description: format!("SIGSTOP {shape}: nodes {}", describe(&targets)),
+                heal: Heal::Resume(targets),
+            }
+        }
+        FaultKind::Partition => {
+            let mut shuffled = ids.clone();
+            shuffled.shuffle(&mut rng);
+            let (shape, links) = match rng.random_range(0..6) {
+                0 => ("one", cut_between(&[random_node], &ids)),
+                1 => {
+                    let (small, big) = shuffled.split_at(n / 2);
+                    ("majority", cut_between(small, big))
+                }
+                2 => {
+                    let (third, rest) = shuffled.split_at((n / 3).max(1));
+                    ("minority-third", cut_between(third, rest))
+                }
+                3 => ("majorities-ring", ring(&shuffled)),
+                4 => {
+                    let leaders = busiest(leaderships, &ids, minority.max(1));
+                    let mut links = BTreeSet::new();
+                    for l in &leaders {
+                        links.extend(cut_between(&[*l], &ids));
+                    }
+                    ("primaries", links.into_iter().collect())
+                }
+                _ => {
+                    let links = ids.iter().filter(|&&o| o != random_node).map(|&o| (random_node, o)).collect();
+                    ("one-way", links)
+                }
+            };
+            for &(from, to) in &links {
+                cluster.set_cut(from, to, true);
+            }
+            let shown: Vec<String> = links.iter().map(|(a, b)| format!("{a}->{b}")).collect();
+            Injected {
+                description: format!("partition {shape}: cut {}", shown.join(" ")),
+                heal: Heal::Reconnect(links),
+            }
+        }
+    })
+}
+
+/// Overlapping majorities: nodes on a ring each keep links to their nearest neighbours, enough to see a
+/// majority, and no two majorities are the same. With three nodes, one link is cut.
+fn ring(order: &[u64]) -> Vec<(u64, u64)> {
+    let n = order.len();
+    if n < 3 {
+        return Vec::new();
+    }
+    if n == 3 {
+        return cut_between(&[order[0]], &[order[1]]);
+    }
+    let majority = n / 2 + 1;
+    let reach = (majority - 1).div_ceil(2);
+    let mut links = Vec::new();
+    for i in 0..n {
+        for j in 0..n {
+            let d = (i + n - j) % n;
+            if i != j && d.min(n - d) > reach {
+                links.push((order[i], order[j]));
+            }
+        }
+    }
+    links
+}
+
+/// Undoes an injected fault.
+pub fn heal(cluster: &mut LocalCluster, heal: &Heal) -> anyhow::Result<()> {
+    match heal {
+        Heal::Restart(ids) => ids.iter().try_for_each(|id| cluster.start_node(*id)),
+        Heal::Resume(ids) => ids.iter().try_for_each(|id| cluster.set_paused(*id, false)),
+        Heal::Reconnect(links) => {
+            links.iter().for_each(|(a, b)| cluster.set_cut(*a, *b, false));
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_replays_the_same_schedule_and_every_kind_fires() {
+        let kinds = [FaultKind::Kill, FaultKind::Pause, FaultKind::Partition];
+        let a = schedule(7, &kinds, 120.0, 10.0);
+        let b = schedule(7, &kinds, 120.0, 10.0);
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
+        assert!(a.len() >= 3, "{a:?}");
+        for k in kinds {
+            assert!(a.iter().any(|p| p.kind == k), "{k} never fires in {a:?}");
+        }
+        assert!(a.windows(2).all(|w| w[1].at >= w[0].at + w[0].hold + 2.0), "faults overlap: {a:?}");
+        assert!(a.iter().all(|p| p.at + p.hold <= 120.0));
+        assert_ne!(format!("{a:?}"), format!("{:?}", schedule(8, &kinds, 120.0, 10.0)));
+    }
+
+    #[test]
+    fn a_ring_leaves_every_node_a_majority_but_no_common_one() {
+        for n in 3..=7u64 {
+            let order: Vec<u64> = (1..=n).collect();
+            let cut: BTreeSet<(u64, u64)> = ring(&order).into_iter().collect();
+            assert!(!cut.is_empty(), "n={n}");
+            for &i in &order {
+                let reach = order.iter().filter(|&&j| j == i || !cut.contains(&(i, j))).count() as u64;
+                assert!(reach > n / 2, "n={n}: node {i} sees only {reach}");
+                assert!(order.iter().all(|&j| cut.contains(&(i, j)) == cut.contains(&(j, i))), "symmetric");
+            }
+        }
+    }
+
+    #[test]
+    fn fault_names_parse_back() {
+        for k in FaultKind::ALL {
+            assert_eq!(k.name().parse::<FaultKind>().expect("parse"), k);
+        }
+        assert!("flood".parse::<FaultKind>().is_err());
+    }
+}

@@ -1,0 +1,638 @@
+//! One harness run: start the cluster, run the workload under the nemesis, heal, read everything back,
+//! check the history and judge the gates.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use flotilla_cli::client::Client;
+use flotilla_proto::broker::{self as pb, ErrorCode};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::checker::{self, Checked};
+use crate::history::{self, History, OffsetsRead, Outcome, Poll, Read, SendOp};
+use crate::local::LocalCluster;
+use crate::nemesis::{self, FaultKind, Planned};
+use crate::scenario::Scenario;
+
+/// How long one operation may take before it counts as unknown.
+const OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the client retries definite refusals (no leader yet, leader moved) within one operation.
+const RETRY_WINDOW: Duration = Duration::from_secs(3);
+/// After a fault heals, operations still count as inside its window for this long.
+const SETTLE: f64 = 5.0;
+/// Recovery gate: every key written and read back within this long of the final heal.
+pub const RECOVERY_GATE: f64 = 30.0;
+/// Availability gate: the share of sends outside fault windows that must succeed.
+pub const AVAILABILITY_GATE: f64 = 0.9;
+/// Final reads give up after this long (FAILOVER.md: up to 200 s).
+const FINAL_READ_LIMIT: Duration = Duration::from_secs(200);
+/// The cluster must accept the first topics within this long of starting.
+const SETUP_LIMIT: Duration = Duration::from_secs(90);
+/// Replicas get this long after the final reads to converge before they are compared.
+const CONVERGE_LIMIT: Duration = Duration::from_secs(30);
+
+pub struct RunConfig {
+    pub scenario: &'static Scenario,
+    pub faults: Vec<FaultKind>,
+    pub seed: u64,
+    pub duration: f64,
+    pub nodes: u64,
+    pub topics: u32,
+    pub partitions: u32,
+    pub replication_factor: u32,
+    pub rate: f64,
+    pub writers: u64,
+    pub consumers: u64,
+    pub interval: f64,
+    pub rotate_after: u64,
+    pub work_dir: PathBuf,
+    pub broker: PathBuf,
+}
+
+/// A fault as it happened.
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultEvent {
+    pub kind: FaultKind,
+    pub description: String,
+    pub start: f64,
+    pub end: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Gate {
+    pub name: &'static str,
+    pub passed: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RunReport {
+    pub scenario: &'static str,
+    pub title: &'static str,
+    pub seed: u64,
+    pub target: &'static str,
+    pub nodes: u64,
+    pub keys: usize,
+    pub duration_s: f64,
+    pub schedule: Vec<Planned>,
+    pub faults: Vec<FaultEvent>,
+    /// Why the nemesis stopped before its schedule ended (a fault it could not inject or heal).
+    pub nemesis_error: Option<String>,
+    pub polls: usize,
+    pub offsets_reads: usize,
+    pub recovery_s: Option<f64>,
+    pub checked: Checked,
+    pub gates: Vec<Gate>,
+    pub passed: bool,
+    #[serde(skip)]
+    pub history: History,
+}
+
+/// Seconds since the workload started.
+#[derive(Clone, Copy)]
+struct Clock(Instant);
+
+impl Clock {
+    fn now(&self) -> f64 {
+        self.0.elapsed().as_secs_f64()
+    }
+}
+
+/// Classifies a failed send once, in code (FAILOVER.md 1.2): `Fail` only for refusals raised before the
+/// proposal reached Raft (or committed and refused by every replica alike); anything else may have been
+/// applied.
+pub fn classify(code: ErrorCode) -> Outcome {
+    match code {
+        ErrorCode::NotLeader
+        | ErrorCode::LeaderNotAvailable
+        | ErrorCode::ClusterNotReady
+        | ErrorCode::UnknownTopic
+        | ErrorCode::UnknownPartition
+        | ErrorCode::InvalidTopicName
+        | ErrorCode::InvalidPartitions
+        | ErrorCode::InvalidReplicationFactor
+        | ErrorCode::RecordTooLarge
+        | ErrorCode::EmptyBatch
+        | ErrorCode::InvalidConfig
+        | ErrorCode::InvalidRequest
+        | ErrorCode::NotEnoughReplicas => Outcome::Fail,
+        ErrorCode::Timeout
+        | ErrorCode::StorageError
+        | ErrorCode::Unspecified
+        | ErrorCode::TopicExists
+        | ErrorCode::OffsetOutOfRange => Outcome::Info,
+    }
+}
+
+struct Shared {
+    client: Client,
+    clock: Clock,
+    seed: u64,
+    history: Mutex<History>,
+    /// Every key ever written (all generations of topics).
+    all_keys: RwLock<Vec<String>>,
+    /// The keys of the newest generation, which writers use.
+    current: RwLock<Vec<String>>,
+    next_value: AtomicU64,
+    sends_this_generation: AtomicU64,
+    rotating: AtomicBool,
+    generation: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn pick(&self, rng: &mut StdRng, all: bool) -> Option<String> {
+        let keys = if all { &self.all_keys } else { &self.current };
+        let keys = keys.read().unwrap_or_else(|p| p.into_inner());
+        if keys.is_empty() { None } else { Some(keys[rng.random_range(0..keys.len())].clone()) }
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Sends one fresh value to `key` and records the outcome.
+    async fn send(&self, client: &Client, process: u64, key: &str) -> SendOp {
+        let value = self.next_value.fetch_add(1, Ordering::Relaxed);
+        let (topic, partition) = history::split_key(key).unwrap_or((key, 0));
+        let record =
+            pb::Record { key: None, value: Some(Bytes::from(value.to_string())), headers: vec![], timestamp_ms: 0 };
+        let start = self.clock.now();
+        let result = tokio::time::timeout(OP_TIMEOUT, client.produce(topic, Some(partition), vec![record])).await;
+        let (outcome, offset) = match result {
+            Err(_) => (Outcome::Info, None),
+            Ok(Ok(ack)) => (Outcome::Ok, Some(ack.base_offset)),
+            Ok(Err(e)) => (classify(e.code), None),
+        };
+        let send = SendOp { process, key: key.to_owned(), value, outcome, offset, start, end: self.clock.now() };
+        self.history.lock().unwrap_or_else(|p| p.into_inner()).sends.push(send.clone());
+        send
+    }
+}
+
+/// Creates one generation of topics and waits until every partition has a leader; None if `stop` was set
+/// first.
+async fn create_generation(
+    client: &Client,
+    stop: &AtomicBool,
+    config: &RunConfig,
+    generation: u64,
+) -> Option<Vec<String>> {
+    let mut keys = Vec::new();
+    for t in 0..config.topics {
+        let name = format!("h{}-g{generation}-t{t}", config.seed % 1_000_000);
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            let created = tokio::time::timeout(
+                Duration::from_secs(15),
+                client.create_topic(&name, config.partitions, config.replication_factor, vec![]),
+            )
+            .await;
+            match created {
+                Ok(Ok(_)) => break,
+                Ok(Err(e)) if e.code == ErrorCode::TopicExists => break,
+                _ => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+        keys.extend((0..config.partitions).map(|p| history::key(&name, p)));
+    }
+    // Wait (bounded) for leaders, so writers do not meet a topic still electing.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+        if let Ok(Ok(md)) = tokio::time::timeout(Duration::from_secs(5), client.metadata()).await {
+            let led: HashSet<String> = md
+                .topics
+                .iter()
+                .flat_map(|t| t.partitions.iter().filter(|p| p.leader != 0).map(|p| history::key(&t.name, p.partition)))
+                .collect();
+            if keys.iter().all(|k| led.contains(k)) {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Some(keys)
+}
+
+async fn rotate(shared: Arc<Shared>, config: Arc<RunConfig>) {
+    let generation = shared.generation.load(Ordering::Relaxed) + 1;
+    if let Some(keys) = create_generation(&shared.client, &shared.stop, &config, generation).await {
+        shared.all_keys.write().unwrap_or_else(|p| p.into_inner()).extend(keys.iter().cloned());
+        *shared.current.write().unwrap_or_else(|p| p.into_inner()) = keys;
+        shared.generation.store(generation, Ordering::Relaxed);
+        shared.sends_this_generation.store(0, Ordering::Relaxed);
+    }
+    shared.rotating.store(false, Ordering::Relaxed);
+}
+
+async fn writer(shared: Arc<Shared>, config: Arc<RunConfig>, process: u64) {
+    let mut rng = StdRng::seed_from_u64(shared.seed ^ (process << 32));
+    let period = Duration::from_secs_f64(config.writers as f64 / config.rate);
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !shared.stopped() {
+        tick.tick().await;
+        let Some(key) = shared.pick(&mut rng, false) else { continue };
+        shared.send(&shared.client, process, &key).await;
+        let keys = shared.current.read().unwrap_or_else(|p| p.into_inner()).len() as u64;
+        let sent = shared.sends_this_generation.fetch_add(1, Ordering::Relaxed) + 1;
+        if sent >= config.rotate_after * keys && !shared.rotating.swap(true, Ordering::Relaxed) {
+            tokio::spawn(rotate(shared.clone(), config.clone()));
+        }
+    }
+}
+
+/// An assign-mode consumer: polls keys from its own positions; now and then seeks, or crashes and starts
+/// over with a new client.
+async fn consumer(shared: Arc<Shared>, bootstrap: Vec<String>, id: u64) {
+    let mut rng = StdRng::seed_from_u64(shared.seed ^ (id << 40) ^ 0xC0);
+    let mut client = Client::new(bootstrap.clone()).with_deadline(RETRY_WINDOW);
+    let mut positions: HashMap<String, u64> = HashMap::new();
+    let mut reset: HashSet<String> = HashSet::new();
+    while !shared.stopped() {
+        let Some(key) = shared.pick(&mut rng, true) else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let roll: f64 = rng.random();
+        if roll < 0.01 {
+            client = Client::new(bootstrap.clone()).with_deadline(RETRY_WINDOW);
+            positions.clear();
+            continue;
+        }
+        let position = match positions.get(&key) {
+            None => {
+                reset.insert(key.clone());
+                0
+            }
+            Some(&p) if roll < 0.03 => {
+                reset.insert(key.clone());
+                rng.random_range(0..=p)
+            }
+            Some(&p) => p,
+        };
+        let (topic, partition) = history::split_key(&key).unwrap_or((key.as_str(), 0));
+        let start = shared.clock.now();
+        let fetched = tokio::time::timeout(OP_TIMEOUT, client.fetch(topic, partition, position, 64 * 1024, 100)).await;
+        let Ok(Ok(resp)) = fetched else {
+            positions.insert(key.clone(), position);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let records: Vec<(u64, u64)> =
+            resp.records.iter().map(|r| (r.offset, history::parse_value(r.value.as_deref()))).collect();
+        positions.insert(key.clone(), records.last().map_or(position, |(o, _)| o + 1));
+        if records.is_empty() {
+            continue;
+        }
+        let poll = Poll {
+            consumer: id,
+            key: key.clone(),
+            from: position,
+            records,
+            reset: reset.remove(&key),
+            start,
+            end: shared.clock.now(),
+        };
+        shared.history.lock().unwrap_or_else(|p| p.into_inner()).polls.push(poll);
+    }
+}
+
+/// W-LIN: `ListOffsets(latest)` against the acknowledgements.
+async fn offsets_reader(shared: Arc<Shared>) {
+    let mut rng = StdRng::seed_from_u64(shared.seed ^ 0x11_4E);
+    while !shared.stopped() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let Some(key) = shared.pick(&mut rng, false) else { continue };
+        let (topic, partition) = history::split_key(&key).unwrap_or((key.as_str(), 0));
+        let start = shared.clock.now();
+        let listed =
+            tokio::time::timeout(OP_TIMEOUT, shared.client.list_offsets(topic, partition, pb::OffsetSpec::Latest, 0))
+                .await;
+        if let Ok(Ok(latest)) = listed {
+            let read = OffsetsRead { key, latest, start, end: shared.clock.now() };
+            shared.history.lock().unwrap_or_else(|p| p.into_inner()).offsets_reads.push(read);
+        }
+    }
+}
+
+/// Partition leaderships per node, as the cluster reports them (empty if it does not answer).
+async fn leaderships(client: &Client) -> BTreeMap<u64, u32> {
+    match tokio::time::timeout(Duration::from_secs(2), client.metadata()).await {
+        Ok(Ok(md)) => md.nodes.iter().map(|n| (n.node_id, n.leaderships)).collect(),
+        _ => BTreeMap::new(),
+    }
+}
+
+/// Runs the schedule; returns the faults as they happened, and the error that stopped it early, if any.
+async fn run_nemesis(
+    cluster: Arc<Mutex<LocalCluster>>,
+    shared: Arc<Shared>,
+    schedule: Vec<Planned>,
+) -> (Vec<FaultEvent>, Option<String>) {
+    let mut events = Vec::new();
+    let error = nemesis_steps(&cluster, &shared, schedule, &mut events).await.err().map(|e| format!("{e:#}"));
+    (events, error)
+}
+
+async fn nemesis_steps(
+    cluster: &Mutex<LocalCluster>,
+    shared: &Shared,
+    schedule: Vec<Planned>,
+    events: &mut Vec<FaultEvent>,
+) -> anyhow::Result<()> {
+    for planned in schedule {
+        let wait = planned.at - shared.clock.now();
+        if wait > 0.0 {
+            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+        }
+        let leaders = leaderships(&shared.client).await;
+        let bounces = events.iter().filter(|e: &&FaultEvent| e.kind == FaultKind::Bounce).count();
+        let start = shared.clock.now();
+        let injected = tokio::task::block_in_place(|| {
+            let mut c = cluster.lock().unwrap_or_else(|p| p.into_inner());
+            nemesis::inject(&mut c, &planned, &leaders, bounces)
+        })?;
+        println!("[{start:7.1}s] {}: {}", planned.kind, injected.description);
+        tokio::time::sleep(Duration::from_secs_f64(planned.hold)).await;
+        tokio::task::block_in_place(|| {
+            let mut c = cluster.lock().unwrap_or_else(|p| p.into_inner());
+            nemesis::heal(&mut c, &injected.heal)
+        })?;
+        let end = shared.clock.now();
+        println!("[{end:7.1}s] healed {}", planned.kind);
+        events.push(FaultEvent { kind: planned.kind, description: injected.description, start, end });
+    }
+    Ok(())
+}
+
+/// Writes a probe to `key` until one is acknowledged, then reads the key from offset 0 through the highest
+/// acknowledged offset. Returns when that completed (seconds on the clock), or None at the deadline.
+async fn recover_key(shared: &Shared, client: &Client, key: &str, deadline: Instant) -> Option<f64> {
+    loop {
+        if Instant::now() > deadline {
+            return None;
+        }
+        if shared.send(client, 0, key).await.outcome == Outcome::Ok {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let target = {
+        let h = shared.history.lock().unwrap_or_else(|p| p.into_inner());
+        h.sends.iter().filter(|s| s.key == key).filter_map(|s| s.offset).max().map_or(0, |o| o + 1)
+    };
+    let (topic, partition) = history::split_key(key).unwrap_or((key, 0));
+    let mut records = Vec::new();
+    let mut next = 0;
+    while next < target {
+        if Instant::now() > deadline {
+            break;
+        }
+        match tokio::time::timeout(OP_TIMEOUT, client.fetch(topic, partition, next, 1 << 20, 0)).await {
+            Ok(Ok(resp)) if !resp.records.is_empty() => {
+                for r in &resp.records {
+                    records.push((r.offset, history::parse_value(r.value.as_deref())));
+                }
+                next = records.last().map_or(next, |(o, _)| o + 1);
+            }
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    let done = next >= target;
+    shared.history.lock().unwrap_or_else(|p| p.into_inner()).final_reads.push(Read {
+        key: key.to_owned(),
+        node: None,
+        records,
+        expected_end: target,
+    });
+    done.then(|| shared.clock.now())
+}
+
+/// W-REPLICA: reads every replica of `key` through the admin RPC once they have all applied `target`
+/// offsets (or the deadline passed).
+async fn read_replicas(
+    shared: &Shared,
+    cluster_addrs: &BTreeMap<u64, String>,
+    key: &str,
+    target: u64,
+    deadline: Instant,
+) {
+    let (topic, partition) = history::split_key(key).unwrap_or((key, 0));
+    let Ok(Ok(info)) = tokio::time::timeout(OP_TIMEOUT, shared.client.describe_topic(topic)).await else { return };
+    let Some(p) = info.partitions.iter().find(|p| p.partition == partition) else { return };
+    for node in &p.replicas {
+        let Some(addr) = cluster_addrs.get(node) else { continue };
+        loop {
+            let mut records: Vec<(u64, u64)> = Vec::new();
+            let mut next = 0;
+            loop {
+                let read =
+                    tokio::time::timeout(OP_TIMEOUT, shared.client.read_replica(addr, topic, partition, next, 1 << 20))
+                        .await;
+                let Ok(Ok(resp)) = read else { break };
+                for r in &resp.records {
+                    records.push((r.offset, history::parse_value(r.value.as_deref())));
+                }
+                match resp.records.last() {
+                    Some(r) if r.offset + 1 < resp.high_watermark => next = r.offset + 1,
+                    _ => break,
+                }
+            }
+            let end = records.last().map_or(0, |(o, _)| o + 1);
+            if end >= target || Instant::now() > deadline {
+                let read = Read { key: key.to_owned(), node: Some(*node), records, expected_end: target };
+                shared.history.lock().unwrap_or_else(|p| p.into_inner()).replica_reads.push(read);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Runs the whole thing: the cluster is stopped before this returns, whatever happened.
+pub async fn run(config: RunConfig) -> anyhow::Result<RunReport> {
+    let config = Arc::new(config);
+    std::fs::create_dir_all(&config.work_dir)?;
+    let cluster = LocalCluster::start(config.nodes, &config.work_dir, config.broker.clone()).await?;
+    let bootstrap = cluster.bootstrap();
+    let addrs: BTreeMap<u64, String> =
+        cluster.ids().into_iter().filter_map(|id| cluster.addr(id).map(|a| (id, a))).collect();
+    let cluster = Arc::new(Mutex::new(cluster));
+    let result = drive(config.clone(), cluster.clone(), bootstrap, addrs).await;
+    let log_lines = tokio::task::block_in_place(|| {
+        let mut c = cluster.lock().unwrap_or_else(|p| p.into_inner());
+        c.stop_all();
+        c.panic_lines()
+    });
+    let mut report = result?;
+    report.history.node_log_lines = log_lines;
+    report.judge(&config);
+    Ok(report)
+}
+
+async fn drive(
+    config: Arc<RunConfig>,
+    cluster: Arc<Mutex<LocalCluster>>,
+    bootstrap: Vec<String>,
+    addrs: BTreeMap<u64, String>,
+) -> anyhow::Result<RunReport> {
+    // Setup: the first generation of topics, with patience (the cluster is still electing).
+    let admin = Client::new(bootstrap.clone());
+    let never = AtomicBool::new(false);
+    let setup = tokio::time::timeout(SETUP_LIMIT, create_generation(&admin, &never, &config, 0)).await;
+    let Ok(Some(first)) = setup else {
+        anyhow::bail!("the cluster did not accept the first topics within {SETUP_LIMIT:?}; see the node logs")
+    };
+    let keys = first.len();
+    let shared = Arc::new(Shared {
+        client: Client::new(bootstrap.clone()).with_deadline(RETRY_WINDOW),
+        clock: Clock(Instant::now()),
+        seed: config.seed,
+        history: Mutex::new(History::default()),
+        all_keys: RwLock::new(first.clone()),
+        current: RwLock::new(first),
+        next_value: AtomicU64::new(1),
+        sends_this_generation: AtomicU64::new(0),
+        rotating: AtomicBool::new(false),
+        generation: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+    });
+    println!(
+        "workload: {} keys, {} sends/s by {} writers, {} consumers",
+        keys, config.rate, config.writers, config.consumers
+    );
+
+    let schedule = nemesis::schedule(config.seed, &config.faults, config.duration, config.interval);
+    let mut tasks = Vec::new();
+    for w in 1..=config.writers {
+        tasks.push(tokio::spawn(writer(shared.clone(), config.clone(), w)));
+    }
+    for c in 1..=config.consumers {
+        tasks.push(tokio::spawn(consumer(shared.clone(), bootstrap.clone(), c)));
+    }
+    tasks.push(tokio::spawn(offsets_reader(shared.clone())));
+    let nemesis = tokio::spawn(run_nemesis(cluster.clone(), shared.clone(), schedule.clone()));
+
+    tokio::time::sleep(Duration::from_secs_f64(config.duration)).await;
+    let (faults, nemesis_error) = match nemesis.await {
+        Ok(done) => done,
+        Err(e) => (Vec::new(), Some(format!("the nemesis task failed: {e}"))),
+    };
+    if let Some(e) = &nemesis_error {
+        println!("nemesis stopped early: {e}");
+    }
+    shared.stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+
+    // Heal everything, then write to and read back every key.
+    tokio::task::block_in_place(|| cluster.lock().unwrap_or_else(|p| p.into_inner()).heal_all())?;
+    let healed = shared.clock.now();
+    println!("[{healed:7.1}s] healed everything; final reads");
+    let deadline = Instant::now() + FINAL_READ_LIMIT;
+    let all_keys = shared.all_keys.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let reader = Arc::new(Client::new(bootstrap.clone()).with_deadline(RETRY_WINDOW));
+    let mut reads = Vec::new();
+    for key in all_keys.clone() {
+        let (shared, reader) = (shared.clone(), reader.clone());
+        reads.push(tokio::spawn(async move { recover_key(&shared, &reader, &key, deadline).await }));
+    }
+    let mut recovered_at: Option<f64> = Some(healed);
+    for r in reads {
+        let done = r.await.ok().flatten();
+        recovered_at = match (recovered_at, done) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            _ => None,
+        };
+    }
+    let recovery_s = recovered_at.map(|t| t - healed);
+
+    // W-REPLICA.
+    let converge = Instant::now() + CONVERGE_LIMIT;
+    for key in &all_keys {
+        let target = {
+            let h = shared.history.lock().unwrap_or_else(|p| p.into_inner());
+            h.sends.iter().filter(|s| &s.key == key).filter_map(|s| s.offset).max().map_or(0, |o| o + 1)
+        };
+        read_replicas(&shared, &addrs, key, target, converge).await;
+    }
+
+    let history = std::mem::take(&mut *shared.history.lock().unwrap_or_else(|p| p.into_inner()));
+    Ok(RunReport {
+        scenario: config.scenario.name,
+        title: config.scenario.title,
+        seed: config.seed,
+        target: "local",
+        nodes: config.nodes,
+        keys: all_keys.len(),
+        duration_s: config.duration,
+        schedule,
+        faults,
+        nemesis_error,
+        polls: history.polls.len(),
+        offsets_reads: history.offsets_reads.len(),
+        recovery_s,
+        checked: checker::check(&History::default()),
+        gates: Vec::new(),
+        passed: false,
+        history,
+    })
+}
+
+impl RunReport {
+    /// Checks the history and judges the run-level gates.
+    fn judge(&mut self, config: &RunConfig) {
+        self.checked = checker::check(&self.history);
+        let mut gates = Vec::new();
+        let fired: BTreeMap<FaultKind, usize> =
+            config.faults.iter().map(|k| (*k, self.faults.iter().filter(|f| f.kind == *k).count())).collect();
+        gates.push(Gate {
+            name: "nemesis",
+            passed: self.nemesis_error.is_none(),
+            detail: self.nemesis_error.clone().unwrap_or_else(|| "every planned fault injected and healed".into()),
+        });
+        gates.push(Gate {
+            name: "coverage",
+            passed: fired.values().all(|n| *n > 0),
+            detail: if fired.is_empty() {
+                "no faults configured".into()
+            } else {
+                fired.iter().map(|(k, n)| format!("{k} x{n}")).collect::<Vec<_>>().join(", ")
+            },
+        });
+        let outside = |s: &SendOp| !self.faults.iter().any(|f| s.start < f.end + SETTLE && s.end > f.start);
+        let quiet: Vec<&SendOp> = self.history.sends.iter().filter(|s| s.process != 0 && outside(s)).collect();
+        let ok = quiet.iter().filter(|s| s.outcome == Outcome::Ok).count();
+        let share = if quiet.is_empty() { 0.0 } else { ok as f64 / quiet.len() as f64 };
+        gates.push(Gate {
+            name: "availability",
+            passed: share >= AVAILABILITY_GATE,
+            detail: format!("{ok} of {} sends outside fault windows ok ({:.1}%)", quiet.len(), share * 100.0),
+        });
+        gates.push(Gate {
+            name: "recovery",
+            passed: self.recovery_s.is_some_and(|r| r <= RECOVERY_GATE),
+            detail: match self.recovery_s {
+                Some(r) => format!("every key written and read back {r:.1} s after the final heal"),
+                None => "some key was not written or read back before the final-read limit".into(),
+            },
+        });
+        gates.push(Gate {
+            name: "final reads complete",
+            passed: self.checked.unseen == 0,
+            detail: format!("{} acknowledged values unseen", self.checked.unseen),
+        });
+        self.passed = self.checked.clean() && gates.iter().all(|g| g.passed);
+        self.gates = gates;
+    }
+}
