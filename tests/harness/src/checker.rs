@@ -229,13 +229,8 @@ pub fn check(h: &History) -> Checked {
 
     // I7 for the final reads: each reads its key from offset 0 with no gap.
     for r in &h.final_reads {
-        let mut expect = 0;
-        for (o, _) in &r.records {
-            if *o != expect {
-                counts.flag("I7", || format!("{}: the final read expected offset {expect} and got {o}", r.key));
-                break;
-            }
-            expect += 1;
+        if let Some((expect, o)) = r.records.iter().map(|(o, _)| *o).enumerate().find(|(i, o)| *i as u64 != *o) {
+            counts.flag("I7", || format!("{}: the final read expected offset {expect} and got {o}", r.key));
         }
     }
 

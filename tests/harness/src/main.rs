@@ -24,57 +24,60 @@ enum Command {
     /// Lists the scenarios.
     Scenarios,
     /// Runs a scenario: workload + faults, then final reads, the checker and the gates.
-    Run {
-        /// S1-S6, S16, S19, S20.
-        #[arg(long)]
-        scenario: String,
-        /// Where the cluster runs: `local` (broker processes on 127.0.0.x).
-        #[arg(long, default_value = "local")]
-        target: String,
-        /// Length of the main phase, e.g. 300s, 5m or 300.
-        #[arg(long, default_value = "300s")]
-        duration: String,
-        /// Seed of the fault schedule and the workload's choices (random if not given; always printed).
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Replace the scenario's faults: e.g. kill,pause,partition.
-        #[arg(long, value_delimiter = ',')]
-        faults: Option<Vec<String>>,
-        #[arg(long, default_value_t = 5)]
-        nodes: u64,
-        #[arg(long, default_value_t = 3)]
-        topics: u32,
-        /// Partitions per topic (the scenario's default if not given).
-        #[arg(long)]
-        partitions: Option<u32>,
-        #[arg(long, default_value_t = 3)]
-        replication_factor: u32,
-        /// Sends per second, all writers together.
-        #[arg(long, default_value_t = 100.0)]
-        rate: f64,
-        #[arg(long, default_value_t = 5)]
-        writers: u64,
-        #[arg(long, default_value_t = 2)]
-        consumers: u64,
-        /// Mean quiet gap between faults, seconds.
-        #[arg(long, default_value_t = 15.0)]
-        interval: f64,
-        /// New topics after this many sends per key.
-        #[arg(long, default_value_t = 1024)]
-        rotate_after: u64,
-        /// Where nodes keep data and logs, and the report goes (a fresh directory under the system's temp
-        /// directory if not given). Kept after a failed run; removed after a passed one unless --keep.
-        #[arg(long)]
-        work_dir: Option<PathBuf>,
-        #[arg(long)]
-        keep: bool,
-        /// Also write the JSON report here.
-        #[arg(long)]
-        report: Option<PathBuf>,
-        /// The flotilla-broker binary (default: beside this one, then PATH).
-        #[arg(long)]
-        broker: Option<PathBuf>,
-    },
+    Run(Box<RunArgs>),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// S1-S6, S16, S19, S20.
+    #[arg(long)]
+    scenario: String,
+    /// Where the cluster runs: `local` (broker processes on 127.0.0.x).
+    #[arg(long, default_value = "local")]
+    target: String,
+    /// Length of the main phase, e.g. 300s, 5m or 300.
+    #[arg(long, default_value = "300s")]
+    duration: String,
+    /// Seed of the fault schedule and the workload's choices (random if not given; always printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Replace the scenario's faults: e.g. kill,pause,partition.
+    #[arg(long, value_delimiter = ',')]
+    faults: Option<Vec<String>>,
+    #[arg(long, default_value_t = 5)]
+    nodes: u64,
+    #[arg(long, default_value_t = 3)]
+    topics: u32,
+    /// Partitions per topic (the scenario's default if not given).
+    #[arg(long)]
+    partitions: Option<u32>,
+    #[arg(long, default_value_t = 3)]
+    replication_factor: u32,
+    /// Sends per second, all writers together.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    #[arg(long, default_value_t = 5)]
+    writers: u64,
+    #[arg(long, default_value_t = 2)]
+    consumers: u64,
+    /// Mean quiet gap between faults, seconds.
+    #[arg(long, default_value_t = 15.0)]
+    interval: f64,
+    /// New topics after this many sends per key.
+    #[arg(long, default_value_t = 1024)]
+    rotate_after: u64,
+    /// Where nodes keep data and logs, and the report goes (a fresh directory under the system's temp
+    /// directory if not given). Kept after a failed run; removed after a passed one unless --keep.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    #[arg(long)]
+    keep: bool,
+    /// Also write the JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// The flotilla-broker binary (default: beside this one, then PATH).
+    #[arg(long)]
+    broker: Option<PathBuf>,
 }
 
 fn parse_duration(s: &str) -> anyhow::Result<f64> {
@@ -144,26 +147,27 @@ fn real_main() -> anyhow::Result<bool> {
             }
             Ok(true)
         }
-        Command::Run {
-            scenario,
-            target,
-            duration,
-            seed,
-            faults,
-            nodes,
-            topics,
-            partitions,
-            replication_factor,
-            rate,
-            writers,
-            consumers,
-            interval,
-            rotate_after,
-            work_dir,
-            keep,
-            report: report_path,
-            broker,
-        } => {
+        Command::Run(args) => {
+            let RunArgs {
+                scenario,
+                target,
+                duration,
+                seed,
+                faults,
+                nodes,
+                topics,
+                partitions,
+                replication_factor,
+                rate,
+                writers,
+                consumers,
+                interval,
+                rotate_after,
+                work_dir,
+                keep,
+                report: report_path,
+                broker,
+            } = *args;
             if target != "local" {
                 bail!("target {target:?} is not supported yet; use --target local");
             }
