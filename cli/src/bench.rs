@@ -1,18 +1,23 @@
-//! `flotilla bench produce`: a load generator printing throughput and acknowledgement latency.
+//! `flotilla bench produce|consume|e2e`: load generators printing throughput and latency.
 //!
-//! `producers x in_flight` workers each keep one request outstanding, spread over the topic's partitions.
-//! Without `--rate` they send as fast as acknowledgements come back. With `--rate` each worker sends on a
-//! fixed schedule and latency counts from the *intended* send time, so a stalled broker shows up as
-//! latency instead of silently lowering the offered load (no coordinated omission). Samples taken during
-//! the warm-up are dropped. Figures are printed, never asserted.
+//! Produce: `producers x in_flight` requests outstanding. Without `--linger-ms` each worker sends one
+//! request of `records_per_request` records at a time. With it, each producer is a batching producer, as
+//! Kafka clients are: records are appended to an accumulator and a batch goes out when it holds
+//! `batch_bytes` or its first record has waited `linger`, with up to `in_flight` batches outstanding.
+//! With `--rate` records are due on a fixed schedule and latency counts from the *intended* send time, so
+//! a stalled broker shows up as latency instead of silently lowering the offered load (no coordinated
+//! omission). Samples taken during the warm-up are dropped. Figures are printed, never asserted.
 
+use std::collections::VecDeque;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use flotilla_proto::broker as pb;
 use hdrhistogram::Histogram;
+use tokio::sync::Semaphore;
 
 use crate::client::Client;
 
@@ -27,13 +32,22 @@ pub struct ProduceBench {
     pub in_flight: u32,
     /// Records per request (a batching producer); 1 = one record per request.
     pub records_per_request: u32,
+    /// With a linger, a batching producer (see the module docs).
+    pub linger: Option<Duration>,
     /// Fixed aggregate records per second, or as fast as possible.
     pub rate: Option<u64>,
     pub duration: Duration,
     pub warmup: Duration,
 }
 
-/// What it measured.
+/// The brokers' resource use over a run (when their pids are known).
+#[derive(Debug, Clone, Copy)]
+pub struct ServerUsage {
+    pub cpu_seconds: f64,
+    pub peak_rss_mb: f64,
+}
+
+/// What a benchmark measured.
 #[derive(Debug, Clone)]
 pub struct Report {
     pub records: u64,
@@ -41,31 +55,66 @@ pub struct Report {
     pub seconds: f64,
     pub msgs_per_sec: f64,
     pub mb_per_sec: f64,
-    /// Acknowledgement latency in milliseconds: p50, p90, p99, p99.9, max.
+    /// What the latency measures: "ack", "fetch" or "end-to-end".
+    pub latency_of: &'static str,
+    /// Latency in milliseconds: p50, p90, p99, p99.9, max.
     pub latency_ms: [f64; 5],
+    pub servers: Option<ServerUsage>,
 }
 
 impl Report {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "msgs_per_sec": self.msgs_per_sec,
             "mb_per_sec": self.mb_per_sec,
             "records": self.records,
             "errors": self.errors,
             "seconds": self.seconds,
+            "latency_of": self.latency_of,
             "latency_ms": {
                 "p50": self.latency_ms[0], "p90": self.latency_ms[1], "p99": self.latency_ms[2],
                 "p999": self.latency_ms[3], "max": self.latency_ms[4],
             },
-        })
+        });
+        if let Some(s) = self.servers {
+            v["server_cpu_seconds"] = s.cpu_seconds.into();
+            v["server_peak_rss_mb"] = s.peak_rss_mb.into();
+            v["server_cpu_us_per_msg"] = self.cpu_us_per_msg().into();
+        }
+        v
+    }
+
+    fn cpu_us_per_msg(&self) -> f64 {
+        match self.servers {
+            Some(s) if self.records > 0 => s.cpu_seconds * 1e6 / self.records as f64,
+            _ => 0.0,
+        }
     }
 
     pub fn line(&self) -> String {
         let l = self.latency_ms;
-        format!(
-            "{:.0} msgs/s ({:.1} MB/s), {} records, {} errors; ack latency ms p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}",
-            self.msgs_per_sec, self.mb_per_sec, self.records, self.errors, l[0], l[1], l[2], l[3], l[4]
-        )
+        let mut line = format!(
+            "{:.0} msgs/s ({:.1} MB/s), {} records, {} errors; {} latency ms p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}",
+            self.msgs_per_sec,
+            self.mb_per_sec,
+            self.records,
+            self.errors,
+            self.latency_of,
+            l[0],
+            l[1],
+            l[2],
+            l[3],
+            l[4]
+        );
+        if let Some(s) = self.servers {
+            line.push_str(&format!(
+                "; brokers {:.1} CPU s ({:.1} us/msg), peak RSS {:.0} MB",
+                s.cpu_seconds,
+                self.cpu_us_per_msg(),
+                s.peak_rss_mb
+            ));
+        }
+        line
     }
 }
 
@@ -74,110 +123,610 @@ fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant histogram bounds are valid")
 }
 
-struct Shared {
+/// Counters shared by a benchmark's tasks.
+struct Tally {
     histogram: Mutex<Histogram<u64>>,
     records: AtomicU64,
+    bytes: AtomicU64,
     errors: AtomicU64,
 }
 
-/// Runs the produce benchmark against `client`, printing a progress line every second to stderr.
-pub async fn produce(client: Arc<Client>, bench: ProduceBench) -> anyhow::Result<Report> {
-    match client.describe_topic(&bench.topic).await {
-        Ok(_) => {}
-        Err(_) => {
-            client.create_topic(&bench.topic, bench.partitions, bench.replication_factor, vec![]).await?;
+impl Tally {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            histogram: Mutex::new(new_histogram()),
+            records: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+        })
+    }
+
+    fn latency(&self, d: Duration) {
+        if let Ok(mut h) = self.histogram.lock() {
+            let _ = h.record((d.as_micros() as u64).clamp(1, 60_000_000));
         }
     }
-    let partitions = client.describe_topic(&bench.topic).await?.partitions.len() as u32;
-    let workers = (bench.producers * bench.in_flight).max(1);
-    let payload = Bytes::from(vec![b'x'; bench.message_bytes]);
-    let shared = Arc::new(Shared {
-        histogram: Mutex::new(new_histogram()),
-        records: AtomicU64::new(0),
-        errors: AtomicU64::new(0),
-    });
-    let start = Instant::now();
-    let measure_from = start + bench.warmup;
-    let end = measure_from + bench.duration;
-    // Each worker's share of the rate, as the interval between its sends.
-    let interval = bench
-        .rate
-        .map(|r| Duration::from_secs_f64(f64::from(workers) * f64::from(bench.records_per_request) / r.max(1) as f64));
-    let mut tasks = Vec::new();
-    for w in 0..workers {
-        let client = client.clone();
-        let shared = shared.clone();
-        let payload = payload.clone();
-        let topic = bench.topic.clone();
-        let records_per_request = bench.records_per_request.max(1);
-        tasks.push(tokio::spawn(async move {
-            let partition = w % partitions.max(1);
-            let mut next_send = Instant::now();
-            while Instant::now() < end {
-                let now = Instant::now();
-                if interval.is_some() && next_send > now {
-                    tokio::time::sleep(next_send - now).await;
-                }
-                let intended = if interval.is_some() { next_send } else { Instant::now() };
-                let records: Vec<pb::Record> = (0..records_per_request)
-                    .map(|_| pb::Record { key: None, value: Some(payload.clone()), headers: vec![], timestamp_ms: 0 })
-                    .collect();
-                let result = client.produce(&topic, Some(partition), records).await;
-                let done = Instant::now();
-                if let Some(interval) = interval {
-                    next_send += interval;
-                }
-                if intended < measure_from || done > end {
-                    continue;
-                }
-                match result {
-                    Ok(_) => {
-                        shared.records.fetch_add(u64::from(records_per_request), Ordering::Relaxed);
-                        let micros = (done - intended).as_micros().max(1) as u64;
-                        if let Ok(mut h) = shared.histogram.lock() {
-                            let _ = h.record(micros.min(60_000_000));
-                        }
-                    }
-                    Err(e) => {
-                        shared.errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!("produce failed: {e}");
-                    }
-                }
-            }
-        }));
-    }
-    let progress = {
-        let shared = shared.clone();
+
+    /// Prints a progress line every second to stderr until aborted.
+    fn progress(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let tally = self.clone();
         tokio::spawn(async move {
             let mut last = 0;
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                let now = shared.records.load(Ordering::Relaxed);
-                let p99 = shared.histogram.lock().map(|h| h.value_at_quantile(0.99) as f64 / 1000.0).unwrap_or(0.0);
+                let now = tally.records.load(Ordering::Relaxed);
+                let p99 = tally.histogram.lock().map(|h| h.value_at_quantile(0.99) as f64 / 1000.0).unwrap_or(0.0);
                 eprintln!(
                     "  {} msgs/s, p99 so far {:.2} ms, errors {}",
-                    now - last,
+                    now.saturating_sub(last),
                     p99,
-                    shared.errors.load(Ordering::Relaxed)
+                    tally.errors.load(Ordering::Relaxed)
                 );
                 last = now;
             }
         })
+    }
+
+    fn report(&self, seconds: f64, latency_of: &'static str, servers: Option<ServerUsage>) -> Report {
+        let records = self.records.load(Ordering::Relaxed);
+        let h = self.histogram.lock().map(|h| h.clone()).unwrap_or_else(|_| new_histogram());
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        Report {
+            records,
+            errors: self.errors.load(Ordering::Relaxed),
+            seconds,
+            msgs_per_sec: records as f64 / seconds,
+            mb_per_sec: self.bytes.load(Ordering::Relaxed) as f64 / seconds / 1e6,
+            latency_of,
+            latency_ms: [ms(0.5), ms(0.9), ms(0.99), ms(0.999), h.max() as f64 / 1000.0],
+            servers,
+        }
+    }
+}
+
+/// Creates the topic if it is missing; returns its partition count.
+async fn ensure_topic(client: &Client, topic: &str, partitions: u32, replication_factor: u32) -> anyhow::Result<u32> {
+    if client.describe_topic(topic).await.is_err() {
+        client.create_topic(topic, partitions, replication_factor, vec![]).await?;
+    }
+    Ok(client.describe_topic(topic).await?.partitions.len() as u32)
+}
+
+fn payload_record(value: Bytes) -> pb::Record {
+    pb::Record { key: None, value: Some(value), headers: vec![], timestamp_ms: 0 }
+}
+
+/// Runs the produce benchmark against `client`, printing progress every second to stderr.
+pub async fn produce(client: Arc<Client>, bench: ProduceBench, servers: Option<&Brokers>) -> anyhow::Result<Report> {
+    let partitions = ensure_topic(&client, &bench.topic, bench.partitions, bench.replication_factor).await?;
+    let payload = Bytes::from(vec![b'x'; bench.message_bytes]);
+    let tally = Tally::new();
+    let start = Instant::now();
+    let measure_from = start + bench.warmup;
+    let end = measure_from + bench.duration;
+    let usage_start = servers.map(Brokers::sample);
+    let progress = tally.progress();
+    let window = Window { measure_from, end };
+    let tasks: Vec<tokio::task::JoinHandle<()>> = match bench.linger {
+        None => (0..(bench.producers * bench.in_flight).max(1))
+            .map(|w| {
+                let run = FixedBatches {
+                    client: client.clone(),
+                    tally: tally.clone(),
+                    payload: payload.clone(),
+                    topic: bench.topic.clone(),
+                    partition: w % partitions.max(1),
+                    records: bench.records_per_request.max(1),
+                    interval: bench.rate.map(|r| {
+                        let workers = f64::from((bench.producers * bench.in_flight).max(1));
+                        Duration::from_secs_f64(workers * f64::from(bench.records_per_request.max(1)) / r.max(1) as f64)
+                    }),
+                    window,
+                };
+                tokio::spawn(run.run())
+            })
+            .collect(),
+        Some(linger) => (0..bench.producers.max(1))
+            .map(|p| {
+                let run = Batching {
+                    client: client.clone(),
+                    tally: tally.clone(),
+                    payload: payload.clone(),
+                    topic: bench.topic.clone(),
+                    partitions,
+                    first_partition: p,
+                    batch_records: bench.records_per_request.max(1) as usize,
+                    linger,
+                    in_flight: bench.in_flight.max(1) as usize,
+                    interval: bench
+                        .rate
+                        .map(|r| Duration::from_secs_f64(f64::from(bench.producers.max(1)) / r.max(1) as f64)),
+                    window,
+                };
+                tokio::spawn(run.run())
+            })
+            .collect(),
     };
     for t in tasks {
         let _ = t.await;
     }
     progress.abort();
-    let seconds = bench.duration.as_secs_f64();
-    let records = shared.records.load(Ordering::Relaxed);
-    let h = shared.histogram.lock().map(|h| h.clone()).unwrap_or_else(|_| new_histogram());
-    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    Ok(Report {
-        records,
-        errors: shared.errors.load(Ordering::Relaxed),
-        seconds,
-        msgs_per_sec: records as f64 / seconds,
-        mb_per_sec: records as f64 * bench.message_bytes as f64 / seconds / 1e6,
-        latency_ms: [ms(0.5), ms(0.9), ms(0.99), ms(0.999), h.max() as f64 / 1000.0],
+    let usage = usage_start.and_then(|s| servers.map(|b| b.usage_since(&s)));
+    Ok(tally.report(bench.duration.as_secs_f64(), "ack", usage))
+}
+
+#[derive(Clone, Copy)]
+struct Window {
+    measure_from: Instant,
+    end: Instant,
+}
+
+/// One worker sending fixed-size requests, one at a time.
+struct FixedBatches {
+    client: Arc<Client>,
+    tally: Arc<Tally>,
+    payload: Bytes,
+    topic: String,
+    partition: u32,
+    records: u32,
+    interval: Option<Duration>,
+    window: Window,
+}
+
+impl FixedBatches {
+    async fn run(self) {
+        let mut next_send = Instant::now();
+        while Instant::now() < self.window.end {
+            let now = Instant::now();
+            if self.interval.is_some() && next_send > now {
+                tokio::time::sleep(next_send - now).await;
+            }
+            let intended = if self.interval.is_some() { next_send } else { Instant::now() };
+            let records: Vec<pb::Record> = (0..self.records).map(|_| payload_record(self.payload.clone())).collect();
+            let result = self.client.produce(&self.topic, Some(self.partition), records).await;
+            let done = Instant::now();
+            if let Some(interval) = self.interval {
+                next_send += interval;
+            }
+            if intended < self.window.measure_from || done > self.window.end {
+                continue;
+            }
+            match result {
+                Ok(_) => {
+                    self.tally.records.fetch_add(u64::from(self.records), Ordering::Relaxed);
+                    self.tally.bytes.fetch_add(u64::from(self.records) * self.payload.len() as u64, Ordering::Relaxed);
+                    self.tally.latency(done - intended);
+                }
+                Err(e) => {
+                    self.tally.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("produce failed: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// A batching producer: an accumulator, a linger, and up to `in_flight` batches outstanding. Batches
+/// rotate over the partitions (Kafka's sticky partitioner for keyless records switches per batch).
+struct Batching {
+    client: Arc<Client>,
+    tally: Arc<Tally>,
+    payload: Bytes,
+    topic: String,
+    partitions: u32,
+    first_partition: u32,
+    batch_records: usize,
+    linger: Duration,
+    in_flight: usize,
+    interval: Option<Duration>,
+    window: Window,
+}
+
+impl Batching {
+    async fn run(self) {
+        let permits = Arc::new(Semaphore::new(self.in_flight));
+        let mut partition = self.first_partition;
+        // Records waiting in the accumulator, by intended send time.
+        let mut pending: VecDeque<Instant> = VecDeque::new();
+        let mut next_due = Instant::now();
+        let mut sends = Vec::new();
+        while Instant::now() < self.window.end {
+            // Fill the accumulator: records due by now (fixed rate), or a full batch (as fast as possible).
+            let now = Instant::now();
+            match self.interval {
+                Some(interval) => {
+                    while next_due <= now {
+                        pending.push_back(next_due);
+                        next_due += interval;
+                    }
+                }
+                None => {
+                    while pending.len() < self.batch_records {
+                        pending.push_back(now);
+                    }
+                }
+            }
+            let ready = pending.len() >= self.batch_records
+                || pending.front().is_some_and(|first| now.duration_since(*first) >= self.linger);
+            if !ready {
+                let wake = match (pending.front(), self.interval) {
+                    (Some(first), Some(_)) => (*first + self.linger).min(next_due),
+                    (Some(first), None) => *first + self.linger,
+                    (None, _) => next_due,
+                };
+                tokio::time::sleep_until(wake.into()).await;
+                continue;
+            }
+            let Ok(permit) = permits.clone().acquire_owned().await else { break };
+            let take = pending.len().min(self.batch_records);
+            let intended: Vec<Instant> = pending.drain(..take).collect();
+            let records: Vec<pb::Record> = intended.iter().map(|_| payload_record(self.payload.clone())).collect();
+            let (client, tally, topic, window) =
+                (self.client.clone(), self.tally.clone(), self.topic.clone(), self.window);
+            let bytes = self.payload.len() as u64;
+            let p = partition;
+            partition = (partition + 1) % self.partitions.max(1);
+            sends.push(tokio::spawn(async move {
+                let result = client.produce(&topic, Some(p), records).await;
+                drop(permit);
+                let done = Instant::now();
+                if done > window.end {
+                    return;
+                }
+                match result {
+                    Ok(_) => {
+                        for t in intended.iter().filter(|t| **t >= window.measure_from) {
+                            tally.records.fetch_add(1, Ordering::Relaxed);
+                            tally.bytes.fetch_add(bytes, Ordering::Relaxed);
+                            tally.latency(done - *t);
+                        }
+                    }
+                    Err(e) => {
+                        tally.errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!("produce failed: {e}");
+                    }
+                }
+            }));
+            sends.retain(|s| !s.is_finished());
+        }
+        for s in sends {
+            let _ = s.await;
+        }
+    }
+}
+
+/// What to read.
+#[derive(Debug, Clone)]
+pub struct ConsumeBench {
+    pub topic: String,
+    /// Bytes per fetch.
+    pub fetch_bytes: u32,
+    /// Stop after this long even if the end of the log was not reached.
+    pub duration: Duration,
+}
+
+/// Reads every partition from its log start to the high watermark it had when the run began, one fetch
+/// outstanding per partition; latency is per fetch.
+pub async fn consume(client: Arc<Client>, bench: ConsumeBench, servers: Option<&Brokers>) -> anyhow::Result<Report> {
+    let partitions = client.describe_topic(&bench.topic).await?.partitions.len() as u32;
+    let tally = Tally::new();
+    let mut ranges = Vec::new();
+    for p in 0..partitions {
+        let from = client.list_offsets(&bench.topic, p, pb::OffsetSpec::Earliest, 0).await?;
+        let to = client.list_offsets(&bench.topic, p, pb::OffsetSpec::Latest, 0).await?;
+        ranges.push((p, from, to));
+    }
+    let usage_start = servers.map(Brokers::sample);
+    let start = Instant::now();
+    let end = start + bench.duration;
+    let progress = tally.progress();
+    let mut tasks = Vec::new();
+    for (p, from, to) in ranges {
+        let (client, tally, topic) = (client.clone(), tally.clone(), bench.topic.clone());
+        let fetch_bytes = bench.fetch_bytes;
+        tasks.push(tokio::spawn(async move {
+            let mut next = from;
+            while next < to && Instant::now() < end {
+                let asked = Instant::now();
+                match client.fetch(&topic, p, next, fetch_bytes, 0).await {
+                    Ok(resp) => {
+                        tally.latency(asked.elapsed());
+                        for r in resp.records.iter().filter(|r| r.offset < to) {
+                            tally.records.fetch_add(1, Ordering::Relaxed);
+                            let size = r.value.as_ref().map_or(0, Bytes::len) + r.key.as_ref().map_or(0, Bytes::len);
+                            tally.bytes.fetch_add(size as u64, Ordering::Relaxed);
+                        }
+                        match resp.records.last() {
+                            Some(r) => next = r.offset + 1,
+                            None => break,
+                        }
+                    }
+                    Err(e) => {
+                        tally.errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!("fetch failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    progress.abort();
+    let seconds = start.elapsed().as_secs_f64();
+    let usage = usage_start.and_then(|s| servers.map(|b| b.usage_since(&s)));
+    Ok(tally.report(seconds, "fetch", usage))
+}
+
+/// Microseconds since the Unix epoch: the send time carried in an end-to-end record's first 8 bytes.
+fn epoch_micros() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Produce-to-consume latency: producers at a fixed `rate` stamp each record with its intended send time;
+/// one subscription per partition, from the end of the log, measures the time until it arrives.
+pub async fn e2e(client: Arc<Client>, bench: ProduceBench, servers: Option<&Brokers>) -> anyhow::Result<Report> {
+    let partitions = ensure_topic(&client, &bench.topic, bench.partitions, bench.replication_factor).await?;
+    let rate = bench.rate.unwrap_or(1000).max(1);
+    let tally = Tally::new();
+    let start = Instant::now();
+    let end = start + bench.warmup + bench.duration;
+    // The epoch-time stamp of `measure_from`: records stamped earlier are warm-up.
+    let measure_from_micros = epoch_micros() + bench.warmup.as_micros() as u64;
+    let mut consumers = Vec::new();
+    for p in 0..partitions {
+        let from = client.list_offsets(&bench.topic, p, pb::OffsetSpec::Latest, 0).await?;
+        let (client, tally, topic) = (client.clone(), tally.clone(), bench.topic.clone());
+        consumers.push(tokio::spawn(async move {
+            let mut next = from;
+            while Instant::now() < end {
+                let Ok(mut stream) = client.subscribe(&topic, p, next).await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let remaining = end.saturating_duration_since(Instant::now());
+                let _ = tokio::time::timeout(remaining, async {
+                    while let Ok(Some(resp)) = stream.message().await {
+                        let now = epoch_micros();
+                        for r in &resp.records {
+                            next = r.offset + 1;
+                            let Some(v) = r.value.as_ref().filter(|v| v.len() >= 8) else { continue };
+                            let mut stamp = [0u8; 8];
+                            stamp.copy_from_slice(&v[..8]);
+                            let sent = u64::from_be_bytes(stamp);
+                            if sent >= measure_from_micros {
+                                tally.records.fetch_add(1, Ordering::Relaxed);
+                                tally.bytes.fetch_add(v.len() as u64, Ordering::Relaxed);
+                                tally.latency(Duration::from_micros(now.saturating_sub(sent)));
+                            }
+                        }
+                    }
+                })
+                .await;
+            }
+        }));
+    }
+    let usage_start = servers.map(Brokers::sample);
+    let progress = tally.progress();
+    let workers = bench.producers.max(1);
+    let interval = Duration::from_secs_f64(f64::from(workers) / rate as f64);
+    let message_bytes = bench.message_bytes.max(8);
+    let mut producers = Vec::new();
+    for w in 0..workers {
+        let (client, tally, topic) = (client.clone(), tally.clone(), bench.topic.clone());
+        producers.push(tokio::spawn(async move {
+            let mut next_send = Instant::now();
+            let mut partition = w % partitions.max(1);
+            let origin = (Instant::now(), epoch_micros());
+            while Instant::now() < end {
+                let now = Instant::now();
+                if next_send > now {
+                    tokio::time::sleep(next_send - now).await;
+                }
+                // The intended send time, on the epoch clock the consumers read.
+                let stamp = origin.1 + next_send.saturating_duration_since(origin.0).as_micros() as u64;
+                let mut value = vec![b'x'; message_bytes];
+                value[..8].copy_from_slice(&stamp.to_be_bytes());
+                let sent = client.produce(&topic, Some(partition), vec![payload_record(Bytes::from(value))]).await;
+                if sent.is_err() {
+                    tally.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                partition = (partition + workers) % partitions.max(1);
+                next_send += interval;
+            }
+        }));
+    }
+    for p in producers {
+        let _ = p.await;
+    }
+    for c in consumers {
+        let _ = c.await;
+    }
+    progress.abort();
+    let usage = usage_start.and_then(|s| servers.map(|b| b.usage_since(&s)));
+    Ok(tally.report(bench.duration.as_secs_f64(), "end-to-end", usage))
+}
+
+/// Broker processes whose CPU time and memory a benchmark reports: those `flotilla dev` recorded in its
+/// data directory (`dev.pids`).
+pub struct Brokers {
+    pids: Vec<u32>,
+}
+
+/// CPU ticks per second for /proc accounting (Linux's USER_HZ is 100 on every supported platform).
+const CLOCK_TICKS: f64 = 100.0;
+
+impl Brokers {
+    /// The brokers `flotilla dev` started with `data_dir`, if it is running.
+    pub fn from_dev_dir(data_dir: &Path) -> Option<Brokers> {
+        let text = std::fs::read_to_string(data_dir.join(DEV_PIDS_FILE)).ok()?;
+        let pids: Vec<u32> = text.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+        let alive = pids
+            .iter()
+            .all(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "flotilla-broker"));
+        (alive && !pids.is_empty()).then_some(Brokers { pids })
+    }
+
+    /// Total CPU seconds of the brokers so far.
+    fn sample(&self) -> f64 {
+        self.pids.iter().filter_map(|p| cpu_seconds(*p)).sum()
+    }
+
+    fn usage_since(&self, cpu_at_start: &f64) -> ServerUsage {
+        let peak: f64 = self.pids.iter().filter_map(|p| peak_rss_kb(*p)).fold(0.0, f64::max);
+        ServerUsage { cpu_seconds: self.sample() - cpu_at_start, peak_rss_mb: peak / 1024.0 }
+    }
+}
+
+/// Where `flotilla dev` records its brokers' pids.
+pub const DEV_PIDS_FILE: &str = "dev.pids";
+
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces, so split after its closing parenthesis).
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / CLOCK_TICKS)
+}
+
+fn peak_rss_kb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A named benchmark shape of BENCH.md section 6.
+pub enum Scenario {
+    /// Produce load (B1-B7); `leader_routing` false sends to any broker and lets it forward (B5).
+    Produce { bench: ProduceBench, leader_routing: bool },
+    /// Fill a topic with a batching producer for `fill`, then read it all back (B8).
+    CatchUp { fill: ProduceBench, read: ConsumeBench },
+}
+
+/// The shape of scenario `id` (B1-B8) on `topic`, measuring for `duration` after `warmup`.
+pub fn scenario(
+    id: &str,
+    topic: &str,
+    duration: Duration,
+    warmup: Duration,
+) -> anyhow::Result<(&'static str, Scenario)> {
+    let base = ProduceBench {
+        topic: topic.to_owned(),
+        partitions: 1,
+        replication_factor: 3,
+        message_bytes: 1024,
+        producers: 1,
+        in_flight: 1,
+        records_per_request: 1,
+        linger: None,
+        rate: None,
+        duration,
+        warmup,
+    };
+    let produce = |bench: ProduceBench| Scenario::Produce { bench, leader_routing: true };
+    Ok(match id.to_ascii_uppercase().as_str() {
+        "B1" => ("1 partition, 1 producer, 1 in flight (unloaded ack latency)", produce(base)),
+        "B2" => ("1 partition, 1 producer, 256 in flight", produce(ProduceBench { in_flight: 256, ..base })),
+        "B3" => ("1 partition, 1 producer, 1024 in flight", produce(ProduceBench { in_flight: 1024, ..base })),
+        "B4" => (
+            "1 partition, 4 producers x 256, to the leader",
+            produce(ProduceBench { producers: 4, in_flight: 256, ..base }),
+        ),
+        "B5" => (
+            "1 partition, 4 producers x 256, to any broker (forwarded)",
+            Scenario::Produce { bench: ProduceBench { producers: 4, in_flight: 256, ..base }, leader_routing: false },
+        ),
+        "B6" => (
+            "fixed 10,000 msgs/s, 4 producers, latency from the intended send time",
+            produce(ProduceBench { producers: 4, in_flight: 64, rate: Some(10_000), ..base }),
+        ),
+        "B7" => (
+            "16 partitions, 4 producers x 64 in flight, leaders on every node",
+            produce(ProduceBench { partitions: 16, producers: 4, in_flight: 64, ..base }),
+        ),
+        "B2-BATCH" => (
+            "1 partition, batching producer: 64 KiB batches, linger 1 ms, 8 in flight",
+            produce(ProduceBench {
+                records_per_request: 64,
+                linger: Some(Duration::from_millis(1)),
+                in_flight: 8,
+                ..base
+            }),
+        ),
+        "B8" => (
+            "catch-up read of the whole log from offset 0 (3 partitions filled by a batching producer)",
+            Scenario::CatchUp {
+                fill: ProduceBench {
+                    partitions: 3,
+                    producers: 3,
+                    records_per_request: 64,
+                    linger: Some(Duration::from_millis(1)),
+                    in_flight: 8,
+                    warmup: Duration::ZERO,
+                    ..base
+                },
+                read: ConsumeBench {
+                    topic: topic.to_owned(),
+                    fetch_bytes: 1 << 20,
+                    duration: Duration::from_secs(120),
+                },
+            },
+        ),
+        "B9" => anyhow::bail!("B9 needs consumer groups with committed offsets, which do not exist yet"),
+        "B10" => {
+            anyhow::bail!("B10 (failover under load) is measured by the failover harness, not yet by flotilla bench")
+        }
+        other => anyhow::bail!("unknown scenario {other:?}; known: B1-B8, B2-batch (B9 and B10 are not built yet)"),
     })
+}
+
+/// Lowest and highest of `values`, as "a-b" (or "a" when equal), with `digits` decimals.
+pub fn range(values: &[f64], digits: usize) -> String {
+    let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if values.is_empty() {
+        "-".into()
+    } else if format!("{lo:.digits$}") == format!("{hi:.digits$}") {
+        format!("{lo:.digits$}")
+    } else {
+        format!("{lo:.digits$}-{hi:.digits$}")
+    }
+}
+
+/// One Markdown table row summarising runs of a scenario.
+pub fn markdown_row(id: &str, title: &str, runs: &[Report]) -> String {
+    let col = |f: &dyn Fn(&Report) -> f64, digits| range(&runs.iter().map(f).collect::<Vec<_>>(), digits);
+    let cpu = if runs.iter().all(|r| r.servers.is_some()) { col(&|r| r.cpu_us_per_msg(), 1) } else { "-".into() };
+    let rss = if runs.iter().all(|r| r.servers.is_some()) {
+        col(&|r| r.servers.map_or(0.0, |s| s.peak_rss_mb), 0)
+    } else {
+        "-".into()
+    };
+    format!(
+        "| {id} | {title} | {} | {} | {} | {} | {} | {} | {} | {} |",
+        col(&|r| r.msgs_per_sec, 0),
+        col(&|r| r.mb_per_sec, 1),
+        col(&|r| r.latency_ms[0], 2),
+        col(&|r| r.latency_ms[2], 2),
+        col(&|r| r.latency_ms[3], 2),
+        col(&|r| r.errors as f64, 0),
+        cpu,
+        rss,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_has_cpu_time_and_a_peak_rss() {
+        let pid = std::process::id();
+        assert!(cpu_seconds(pid).is_some_and(|s| s >= 0.0));
+        assert!(peak_rss_kb(pid).is_some_and(|kb| kb > 0.0));
+    }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
+use flotilla_cli::bench::Brokers;
 use flotilla_cli::client::Client;
 use flotilla_proto::broker as pb;
 use serde_json::json;
@@ -89,35 +90,111 @@ enum Command {
     },
 }
 
+/// Options shared by the writing benchmarks.
+#[derive(clap::Args, Debug)]
+struct LoadArgs {
+    #[arg(long, default_value = "bench")]
+    topic: String,
+    /// Partitions of the topic if it has to be created.
+    #[arg(long, default_value_t = 1)]
+    partitions: u32,
+    #[arg(long, default_value_t = 3)]
+    replication_factor: u32,
+    #[arg(long, default_value_t = 1024)]
+    message_bytes: usize,
+    #[arg(long, default_value_t = 1)]
+    producers: u32,
+    /// Requests (batches) outstanding per producer.
+    #[arg(long, default_value_t = 1)]
+    in_flight: u32,
+    /// Bytes per request (a batching producer); default one record per request.
+    #[arg(long)]
+    batch_bytes: Option<usize>,
+    /// Batching producer: send a batch when it is full or its first record has waited this long.
+    #[arg(long)]
+    linger_ms: Option<f64>,
+    /// Fixed aggregate records per second (latency from the intended send time).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 15)]
+    duration: u64,
+    /// Warm-up seconds, not measured.
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+}
+
+impl LoadArgs {
+    fn bench(self) -> anyhow::Result<flotilla_cli::bench::ProduceBench> {
+        if self.message_bytes == 0 || self.producers == 0 || self.in_flight == 0 || self.duration == 0 {
+            bail!("--message-bytes, --producers, --in-flight and --duration must be positive");
+        }
+        let linger = match self.linger_ms {
+            Some(ms) if !(ms >= 0.0 && ms.is_finite()) => bail!("--linger-ms must be zero or more"),
+            Some(ms) => Some(Duration::from_secs_f64(ms / 1000.0)),
+            None => None,
+        };
+        let default_batch = if linger.is_some() { 64 * 1024 } else { self.message_bytes };
+        let records_per_request = (self.batch_bytes.unwrap_or(default_batch) / self.message_bytes).max(1) as u32;
+        Ok(flotilla_cli::bench::ProduceBench {
+            topic: self.topic,
+            partitions: self.partitions,
+            replication_factor: self.replication_factor,
+            message_bytes: self.message_bytes,
+            producers: self.producers,
+            in_flight: self.in_flight,
+            records_per_request,
+            linger,
+            rate: self.rate,
+            duration: Duration::from_secs(self.duration),
+            warmup: Duration::from_secs(self.warmup),
+        })
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum BenchCommand {
     /// Produce load: records of --message-bytes, --producers x --in-flight requests outstanding.
     Produce {
+        #[command(flatten)]
+        load: LoadArgs,
+        /// The data directory of a `flotilla dev` cluster, to report its brokers' CPU and memory.
+        #[arg(long, default_value = "./flotilla-data")]
+        dev_data_dir: PathBuf,
+    },
+    /// Read a topic from its start to the high watermark it had when the run began.
+    Consume {
         #[arg(long, default_value = "bench")]
         topic: String,
-        #[arg(long, default_value_t = 1)]
-        partitions: u32,
+        /// Bytes per fetch.
+        #[arg(long, default_value_t = 1 << 20)]
+        fetch_bytes: u32,
+        /// Stop after this many seconds even if the end was not reached.
+        #[arg(long, default_value_t = 60)]
+        duration: u64,
+        #[arg(long, default_value = "./flotilla-data")]
+        dev_data_dir: PathBuf,
+    },
+    /// Run a shape of BENCH.md (B1-B8, B2-batch) --runs times on fresh topics; print each run and a Markdown
+    /// row with the ranges (for docs/BENCHMARKS.md).
+    Scenario {
+        id: String,
         #[arg(long, default_value_t = 3)]
-        replication_factor: u32,
-        #[arg(long, default_value_t = 1024)]
-        message_bytes: usize,
-        #[arg(long, default_value_t = 1)]
-        producers: u32,
-        /// Requests outstanding per producer.
-        #[arg(long, default_value_t = 1)]
-        in_flight: u32,
-        /// Bytes per request (a batching producer); default one record per request.
-        #[arg(long)]
-        batch_bytes: Option<usize>,
-        /// Fixed aggregate records per second (latency from the intended send time).
-        #[arg(long)]
-        rate: Option<u64>,
-        /// Measured seconds.
+        runs: u32,
+        /// Measured seconds per run (for B8: seconds spent filling the log).
         #[arg(long, default_value_t = 15)]
         duration: u64,
-        /// Warm-up seconds, not measured.
         #[arg(long, default_value_t = 2)]
         warmup: u64,
+        #[arg(long, default_value = "./flotilla-data")]
+        dev_data_dir: PathBuf,
+    },
+    /// Produce-to-consume latency at a fixed --rate (default 1000 msgs/s), one subscription per partition.
+    E2e {
+        #[command(flatten)]
+        load: LoadArgs,
+        #[arg(long, default_value = "./flotilla-data")]
+        dev_data_dir: PathBuf,
     },
 }
 
@@ -370,6 +447,10 @@ async fn dev(nodes: u64, data_dir: &Path, base_port: u16) -> anyhow::Result<()> 
             .with_context(|| format!("cannot start {}", broker.display()))?;
         children.push(child);
     }
+    let pids: Vec<String> = children.iter().filter_map(|c| c.id()).map(|p| p.to_string()).collect();
+    let pids_file = data_dir.join(flotilla_cli::bench::DEV_PIDS_FILE);
+    std::fs::write(&pids_file, pids.join("\n") + "\n")
+        .with_context(|| format!("cannot write {}", pids_file.display()))?;
     println!("flotilla dev: {nodes} brokers running; logs and data in {}", data_dir.display());
     println!("bootstrap: {}", addrs.join(","));
     println!("try: flotilla --bootstrap {} cluster status", addrs[0]);
@@ -398,8 +479,59 @@ async fn dev(nodes: u64, data_dir: &Path, base_port: u16) -> anyhow::Result<()> 
     for c in &mut children {
         let _ = tokio::time::timeout(Duration::from_secs(10), c.wait()).await;
     }
+    let _ = std::fs::remove_file(&pids_file);
     if let Some((id, status)) = failed {
         bail!("broker {id} exited ({status}); see {}", data_dir.join(format!("node-{id}.log")).display());
+    }
+    Ok(())
+}
+
+/// `flotilla bench scenario`: `runs` runs of one shape, each on a fresh topic deleted afterwards.
+async fn bench_scenario(
+    bootstrap: Vec<String>,
+    id: &str,
+    runs: u32,
+    duration: u64,
+    warmup: u64,
+    dev_data_dir: &Path,
+    output: Output,
+) -> anyhow::Result<()> {
+    use flotilla_cli::bench::{self, Scenario};
+    if runs == 0 || duration == 0 {
+        bail!("--runs and --duration must be positive");
+    }
+    let servers = Brokers::from_dev_dir(dev_data_dir);
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let mut reports = Vec::new();
+    let mut title = "";
+    for run in 1..=runs {
+        let topic = format!("bench-{}-{stamp}-{run}", id.to_ascii_lowercase());
+        let (t, shape) = bench::scenario(id, &topic, Duration::from_secs(duration), Duration::from_secs(warmup))?;
+        title = t;
+        let admin = Client::new(bootstrap.clone());
+        let report = match shape {
+            Scenario::Produce { bench, leader_routing } => {
+                let client = std::sync::Arc::new(Client::new(bootstrap.clone()).with_leader_routing(leader_routing));
+                bench::produce(client, bench, servers.as_ref()).await?
+            }
+            Scenario::CatchUp { fill, read } => {
+                let client = std::sync::Arc::new(Client::new(bootstrap.clone()));
+                let filled = bench::produce(client.clone(), fill, None).await?;
+                eprintln!("filled: {}", filled.line());
+                bench::consume(client, read, servers.as_ref()).await?
+            }
+        };
+        match output {
+            Output::Json => println!("{}", report.json()),
+            Output::Table => println!("{id} run {run}: {}", report.line()),
+        }
+        reports.push(report);
+        if let Err(e) = admin.delete_topic(&topic).await {
+            eprintln!("could not delete {topic}: {e}");
+        }
+    }
+    if output == Output::Table {
+        println!("{}", bench::markdown_row(&id.to_ascii_uppercase(), title, &reports));
     }
     Ok(())
 }
@@ -410,6 +542,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if bootstrap.is_empty() {
         bail!("--bootstrap is empty");
     }
+    let bootstrap_list = bootstrap.clone();
     let client = Client::new(bootstrap);
     let output = cli.output;
     match cli.command {
@@ -492,38 +625,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Bench {
-            command:
-                BenchCommand::Produce {
-                    topic,
-                    partitions,
-                    replication_factor,
-                    message_bytes,
-                    producers,
-                    in_flight,
-                    batch_bytes,
-                    rate,
-                    duration,
-                    warmup,
-                },
-        } => {
-            if message_bytes == 0 || producers == 0 || in_flight == 0 || duration == 0 {
-                bail!("--message-bytes, --producers, --in-flight and --duration must be positive");
-            }
-            let records_per_request = batch_bytes.map_or(1, |b| (b / message_bytes).max(1)) as u32;
-            let bench = flotilla_cli::bench::ProduceBench {
-                topic,
-                partitions,
-                replication_factor,
-                message_bytes,
-                producers,
-                in_flight,
-                records_per_request,
-                rate,
-                duration: Duration::from_secs(duration),
-                warmup: Duration::from_secs(warmup),
+        Command::Bench { command } => {
+            let client = std::sync::Arc::new(client);
+            let report = match command {
+                BenchCommand::Scenario { id, runs, duration, warmup, dev_data_dir } => {
+                    return bench_scenario(bootstrap_list, &id, runs, duration, warmup, &dev_data_dir, output).await;
+                }
+                BenchCommand::Produce { load, dev_data_dir } => {
+                    let servers = Brokers::from_dev_dir(&dev_data_dir);
+                    flotilla_cli::bench::produce(client, load.bench()?, servers.as_ref()).await?
+                }
+                BenchCommand::Consume { topic, fetch_bytes, duration, dev_data_dir } => {
+                    if fetch_bytes == 0 || duration == 0 {
+                        bail!("--fetch-bytes and --duration must be positive");
+                    }
+                    let servers = Brokers::from_dev_dir(&dev_data_dir);
+                    let bench = flotilla_cli::bench::ConsumeBench {
+                        topic,
+                        fetch_bytes,
+                        duration: Duration::from_secs(duration),
+                    };
+                    flotilla_cli::bench::consume(client, bench, servers.as_ref()).await?
+                }
+                BenchCommand::E2e { load, dev_data_dir } => {
+                    let servers = Brokers::from_dev_dir(&dev_data_dir);
+                    flotilla_cli::bench::e2e(client, load.bench()?, servers.as_ref()).await?
+                }
             };
-            let report = flotilla_cli::bench::produce(std::sync::Arc::new(client), bench).await?;
             match output {
                 Output::Json => println!("{}", report.json()),
                 Output::Table => println!("{}", report.line()),

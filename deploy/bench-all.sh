@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Runs every shape of BENCH.md (B1-B8 and the batching producer) RUNS times (default 3) on a fresh local
+# 3-node cluster of release brokers, and writes the ranges to docs/BENCHMARKS.md.
+#   deploy/bench-all.sh              # about 10 minutes
+#   RUNS=1 SHAPES="B1 B2" deploy/bench-all.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source deploy/prereqs.sh
+cargo build --release --locked --bins
+bin="$CARGO_TARGET_DIR/release"
+data=$(mktemp -d "${TMPDIR:-/tmp}/flotilla-bench.XXXXXX")
+"$bin/flotilla" dev --nodes 3 --data-dir "$data" --base-port 19601 >"$data/dev.out" 2>&1 &
+dev=$!
+trap 'kill -TERM "$dev" 2>/dev/null; wait "$dev" 2>/dev/null; rm -rf "$data"' EXIT
+export FLOTILLA_BOOTSTRAP=127.0.0.1:19601,127.0.0.1:19602,127.0.0.1:19603
+ready=""
+for _ in $(seq 150); do
+  if "$bin/flotilla" cluster status >/dev/null 2>&1; then ready=1; break; fi
+  sleep 0.2
+done
+[ -n "$ready" ] || { echo "the cluster did not come up; see $data" >&2; cat "$data/dev.out" >&2; exit 1; }
+
+rows=()
+for id in ${SHAPES:-B1 B2 B3 B4 B5 B6 B7 B2-batch B8}; do
+  echo "== $id" >&2
+  out=$("$bin/flotilla" bench scenario "$id" --runs "${RUNS:-3}" --dev-data-dir "$data")
+  echo "$out" >&2
+  rows+=("$(echo "$out" | tail -n 1)")
+done
+
+{
+  echo "# Flotilla benchmarks"
+  echo
+  echo "Written by \`deploy/bench-all.sh\` on $(date -u +%Y-%m-%d) at commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown):"
+  echo "$(nproc) cores, 3 release brokers on 127.0.0.1 started by \`flotilla dev\`, replication factor 3, fsync"
+  echo "before every acknowledgement, 1024-byte values, load generator on the same machine, ${RUNS:-3} runs of"
+  echo "15 s (after 2 s of warm-up) per shape; each cell is the range over the runs. Shapes and targets:"
+  echo "../shared/BENCH.md section 6. Broker CPU is summed over the three brokers per acknowledged message;"
+  echo "peak RSS is the largest broker's. B8's figures are the read; B9 (consumer groups) and B10 (failover under"
+  echo "load) are not built yet."
+  echo
+  echo "| id | shape | msgs/s | MB/s | p50 ms | p99 ms | p99.9 ms | errors | broker CPU us/msg | broker peak RSS MB |"
+  echo "|---|---|---|---|---|---|---|---|---|---|"
+  printf '%s\n' "${rows[@]}"
+} >docs/BENCHMARKS.md
+echo "wrote docs/BENCHMARKS.md" >&2
