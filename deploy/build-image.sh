@@ -11,7 +11,12 @@ case "$profile" in
   dev) out=debug ;;
   *) echo "FLOTILLA_IMAGE_PROFILE must be release or dev" >&2; exit 2 ;;
 esac
-cargo build --profile "$profile" --locked --bin flotilla --bin flotilla-broker
+if [ "$profile" = dev ]; then
+  # The binaries `cargo test` builds (same features as the tests, so no second RocksDB build).
+  cargo test --workspace --locked --no-run
+else
+  cargo build --profile "$profile" --locked --bin flotilla --bin flotilla-broker
+fi
 ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
 root="$ctx/rootfs"

@@ -45,4 +45,28 @@ printf 'one\ntwo\nthree\n' | flotilla produce compose --partition 1 >/dev/null |
 dc restart node2 >/dev/null 2>&1 || fail "restart"
 wait_healthy
 [ "$(flotilla consume compose --partition 1 --max 3 | cut -f5 | paste -sd,)" = "one,two,three" ] || fail "data after a restart"
+
+# Metrics are published on 127.0.0.1:19501-19503; a real Prometheus (Debian's package), where installed,
+# scrapes them with deploy/prometheus.yml.
+if command -v curl >/dev/null; then
+  curl -fsS http://127.0.0.1:19501/metrics | grep -q '^flotilla_storage_fsyncs_total' || fail "metrics endpoint"
+fi
+if command -v prometheus >/dev/null && command -v curl >/dev/null; then
+  promtool check config deploy/prometheus.yml >/dev/null || fail "prometheus config"
+  tsdb=$(mktemp -d)
+  prometheus --config.file=deploy/prometheus.yml --storage.tsdb.path="$tsdb" \
+    --web.listen-address=127.0.0.1:19090 >"$tsdb/prometheus.log" 2>&1 &
+  prom=$!
+  trap 'kill "$prom" 2>/dev/null; wait "$prom" 2>/dev/null; rm -rf "$tsdb"; dc down -v >/dev/null 2>&1 || true' EXIT
+  scraped=""
+  for _ in $(seq 1 60); do
+    up=$(curl -fsS 'http://127.0.0.1:19090/api/v1/query?query=sum(up%7Bcluster%3D%22compose-3%22%7D)' 2>/dev/null || true)
+    if echo "$up" | grep -q '"value":\[[0-9.]*,"3"\]'; then scraped=1; break; fi
+    sleep 1
+  done
+  [ -n "$scraped" ] || fail "Prometheus did not scrape all three nodes: $up"
+  echo "compose test: Prometheus scrapes all three nodes"
+else
+  echo "compose test: Prometheus scrape check skipped (prometheus or curl not installed)"
+fi
 echo "compose test: 1 passed, 0 failed"

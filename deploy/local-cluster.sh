@@ -5,5 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source deploy/prereqs.sh
-cargo build --locked --bin flotilla --bin flotilla-broker
+# Build what the tests build (binaries included): Cargo unifies features over test targets too, so building
+# only the binaries would compile RocksDB a second time when the tests run.
+cargo test --workspace --locked --no-run
 exec "$CARGO_TARGET_DIR/debug/flotilla" dev "$@"
