@@ -25,8 +25,19 @@ const BACKOFF_MAX: Duration = Duration::from_millis(1000);
 
 pub type Error = BrokerError;
 
-fn retriable(e: &BrokerError) -> bool {
-    matches!(e.code, ErrorCode::NotLeader | ErrorCode::LeaderNotAvailable | ErrorCode::ClusterNotReady)
+/// How long an unknown topic or partition is retried: a broker learns of a new topic when its controller
+/// replica applies the creation, a heartbeat or so after the creation was acknowledged elsewhere.
+const METADATA_GRACE: Duration = Duration::from_secs(3);
+
+/// Whether a failure may clear up on retry. Every such error is raised before a request reaches Raft, so
+/// a retry cannot write twice. An unknown topic or partition counts only within `METADATA_GRACE` of the
+/// first attempt (the broker asked may not have applied the topic's creation yet).
+fn retriable(e: &BrokerError, since_first: Duration) -> bool {
+    match e.code {
+        ErrorCode::NotLeader | ErrorCode::LeaderNotAvailable | ErrorCode::ClusterNotReady => true,
+        ErrorCode::UnknownTopic | ErrorCode::UnknownPartition => since_first < METADATA_GRACE,
+        _ => false,
+    }
 }
 
 /// A client of one cluster.
@@ -89,7 +100,8 @@ impl Client {
         F: FnMut(FlotillaClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
-        let deadline = tokio::time::Instant::now() + self.deadline;
+        let first_attempt = tokio::time::Instant::now();
+        let deadline = first_attempt + self.deadline;
         let mut backoff = BACKOFF_FIRST;
         let mut target = first;
         let mut attempt = self.next_bootstrap.fetch_add(1, Ordering::Relaxed) as usize;
@@ -106,7 +118,7 @@ impl Client {
                 Ok(v) => return Ok(v),
                 Err(status) => BrokerError::from_status(&status),
             };
-            if !retriable(&err) || tokio::time::Instant::now() + backoff > deadline {
+            if !retriable(&err, first_attempt.elapsed()) || tokio::time::Instant::now() + backoff > deadline {
                 if let (ErrorCode::Timeout, Some((topic, partition))) = (err.code, key) {
                     // The leader we asked may be gone or deposed: ask metadata afresh next time.
                     self.leaders.lock().unwrap_or_else(|p| p.into_inner()).remove(&(topic.to_owned(), partition));
@@ -330,5 +342,23 @@ impl Client {
         let req = pb::ReadReplicaRequest { topic: topic.to_owned(), partition, offset, max_bytes };
         let mut c = self.channel(addr)?;
         c.read_replica(req).await.map(|r| r.into_inner()).map_err(|s| BrokerError::from_status(&s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_refusals_made_before_raft_are_retried_and_unknown_topics_only_briefly() {
+        let e = |code| BrokerError::new(code, "x");
+        let now = Duration::ZERO;
+        assert!(retriable(&e(ErrorCode::NotLeader), now));
+        assert!(retriable(&e(ErrorCode::LeaderNotAvailable), now));
+        assert!(retriable(&e(ErrorCode::UnknownTopic), now));
+        assert!(!retriable(&e(ErrorCode::UnknownTopic), METADATA_GRACE));
+        assert!(!retriable(&e(ErrorCode::Timeout), now), "an unknown outcome is never retried");
+        assert!(!retriable(&e(ErrorCode::StorageError), now));
+        assert!(!retriable(&e(ErrorCode::RecordTooLarge), now));
     }
 }
