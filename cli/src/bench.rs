@@ -464,8 +464,9 @@ fn epoch_micros() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
-/// Produce-to-consume latency: producers at a fixed `rate` stamp each record with its intended send time;
-/// one subscription per partition, from the end of the log, measures the time until it arrives.
+/// Produce-to-consume latency: `producers x in_flight` senders at a fixed `rate` stamp each record with its
+/// intended send time; one subscription per partition, from the end of the log, measures the time until it
+/// arrives.
 pub async fn e2e(client: Arc<Client>, bench: ProduceBench, servers: Option<&Brokers>) -> anyhow::Result<Report> {
     let partitions = ensure_topic(&client, &bench.topic, bench.partitions, bench.replication_factor).await?;
     let rate = bench.rate.unwrap_or(1000).max(1);
@@ -509,7 +510,9 @@ pub async fn e2e(client: Arc<Client>, bench: ProduceBench, servers: Option<&Brok
     }
     let usage_start = servers.map(Brokers::sample);
     let progress = tally.progress();
-    let workers = bench.producers.max(1);
+    // producers x in_flight senders, each on its share of the rate, so a slow acknowledgement does not hold
+    // the next record back (its intended time stays on schedule).
+    let workers = (bench.producers * bench.in_flight).max(1);
     let interval = Duration::from_secs_f64(f64::from(workers) / rate as f64);
     let message_bytes = bench.message_bytes.max(8);
     let mut producers = Vec::new();

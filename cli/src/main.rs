@@ -287,12 +287,15 @@ fn print_topic(t: &pb::TopicInfo, output: Output) {
     }
 }
 
-fn print_record(partition: u32, r: &pb::FetchedRecord, output: Output) {
+/// Prints one record. A closed stdout (`flotilla consume ... | head`) is an error the caller stops on.
+fn print_record(partition: u32, r: &pb::FetchedRecord, output: Output) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
     match output {
         Output::Json => {
             let headers: serde_json::Map<String, serde_json::Value> =
                 r.headers.iter().map(|h| (h.key.clone(), text(&h.value))).collect();
-            println!(
+            writeln!(
+                out,
                 "{}",
                 json!({
                     "partition": partition,
@@ -302,20 +305,21 @@ fn print_record(partition: u32, r: &pb::FetchedRecord, output: Output) {
                     "value": text(&r.value),
                     "headers": headers,
                 })
-            );
+            )
         }
         Output::Table => {
             let show =
                 |b: &Option<Bytes>| b.as_ref().map_or("null".to_owned(), |b| String::from_utf8_lossy(b).into_owned());
             let headers: Vec<String> = r.headers.iter().map(|h| format!("{}={}", h.key, show(&h.value))).collect();
-            println!(
+            writeln!(
+                out,
                 "{partition}\t{}\t{}\t{}\t{}\t{}",
                 r.offset,
                 r.timestamp_ms,
                 show(&r.key),
                 show(&r.value),
                 headers.join(",")
-            );
+            )
         }
     }
 }
@@ -359,7 +363,7 @@ async fn consume(
             // The stream ends, or fails, when leadership moves: subscribe again from `next`.
             while let Ok(Some(resp)) = stream.message().await {
                 for r in &resp.records {
-                    print_record(p, r, output);
+                    print_record(p, r, output)?;
                     next = r.offset + 1;
                     printed += 1;
                     if max.is_some_and(|m| printed >= m) {
@@ -377,7 +381,7 @@ async fn consume(
             let wait = if follow && partitions.len() == 1 { 1000 } else { 0 };
             let resp = client.fetch(topic, *p, next[i], 1 << 20, wait).await?;
             for r in &resp.records {
-                print_record(*p, r, output);
+                print_record(*p, r, output)?;
                 next[i] = r.offset + 1;
                 printed += 1;
                 if max.is_some_and(|m| printed >= m) {
@@ -674,6 +678,10 @@ fn main() {
         }
     };
     if let Err(e) = runtime.block_on(run(cli)) {
+        // The reader of our output went away (`| head`): stop quietly, as Unix tools do.
+        if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) {
+            std::process::exit(0);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

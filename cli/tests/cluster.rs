@@ -602,3 +602,31 @@ async fn a_broker_without_a_replica_still_routes_and_describes_the_partition() {
         assert_eq!(got.records[0].value.as_deref(), Some(format!("p{p}").as_bytes()));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consume_into_a_closed_pipe_stops_quietly() {
+    use std::io::{BufRead, BufReader};
+    let cluster = TestCluster::start(1);
+    cluster.wait_ready().await;
+    let client = cluster.client();
+    client.create_topic("piped", 1, 1, vec![]).await.expect("create");
+    // More than a pipe buffer of output, so the reader's early exit breaks the pipe mid-write.
+    for batch in 0..4 {
+        let records = (0..500).map(|i| record("k", format!("{batch}-{i}-{}", "v".repeat(100)))).collect();
+        client.produce("piped", Some(0), records).await.expect("produce");
+    }
+    let mut child = Command::new(flotilla_bin())
+        .args(["--bootstrap", &cluster.bootstrap(), "consume", "piped", "--from", "earliest"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run flotilla");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut first).expect("read one line");
+    assert!(first.starts_with("0\t0\t"), "{first}");
+    // The reader (dropped above) is gone, as with `| head -1`.
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
