@@ -3,6 +3,27 @@
 //!
 //! # Layout
 //! - [`client`]: the `Client` type.
-//! - [`bench`]: the produce load generator behind `flotilla bench produce`.
+//! - [`bench`]: the load generators behind `flotilla bench`.
+//! - [`broker_binary`]: where the `flotilla-broker` binary is, for `flotilla dev` and the harness.
 pub mod bench;
 pub mod client;
+
+/// The `flotilla-broker` binary: beside the running executable (as Cargo and the image place it), else on
+/// `PATH`.
+pub fn broker_binary() -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context;
+    let exe = std::env::current_exe().context("cannot locate the running executable")?;
+    let beside = exe.with_file_name("flotilla-broker");
+    if beside.exists() {
+        return Ok(beside);
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let candidate = dir.join("flotilla-broker");
+            if candidate.exists() {
+                return Ok(candidate);
+            }
+        }
+    }
+    anyhow::bail!("flotilla-broker was not found next to {} or on PATH", exe.display())
+}

@@ -404,28 +404,11 @@ async fn consume(
     }
 }
 
-fn broker_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("cannot locate the flotilla binary")?;
-    let beside = exe.with_file_name("flotilla-broker");
-    if beside.exists() {
-        return Ok(beside);
-    }
-    if let Some(paths) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&paths) {
-            let candidate = dir.join("flotilla-broker");
-            if candidate.exists() {
-                return Ok(candidate);
-            }
-        }
-    }
-    bail!("flotilla-broker was not found next to {} or on PATH", exe.display())
-}
-
 async fn dev(nodes: u64, data_dir: &Path, base_port: u16) -> anyhow::Result<()> {
     if nodes == 0 {
         bail!("--nodes must be at least 1");
     }
-    let broker = broker_binary()?;
+    let broker = flotilla_cli::broker_binary()?;
     let addrs: Vec<String> = (0..nodes).map(|i| format!("127.0.0.1:{}", base_port as u64 + i)).collect();
     let initial: Vec<String> = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect();
     let mut children = Vec::new();

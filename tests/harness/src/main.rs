@@ -96,23 +96,10 @@ fn parse_duration(s: &str) -> anyhow::Result<f64> {
 }
 
 fn find_broker(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    if let Some(p) = given {
-        return Ok(p);
+    match given {
+        Some(p) => Ok(p),
+        None => flotilla_cli::broker_binary().context("give --broker"),
     }
-    let exe = std::env::current_exe()?;
-    let beside = exe.with_file_name("flotilla-broker");
-    if beside.exists() {
-        return Ok(beside);
-    }
-    if let Some(path) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&path) {
-            let candidate = dir.join("flotilla-broker");
-            if candidate.exists() {
-                return Ok(candidate);
-            }
-        }
-    }
-    bail!("flotilla-broker was not found beside {} or on PATH; give --broker", exe.display())
 }
 
 fn main() -> ExitCode {
