@@ -43,10 +43,15 @@ pub struct BrokerConfig {
 
 /// Parses `1=127.0.0.1:9401,2=127.0.0.1:9402`.
 pub fn parse_initial_cluster(s: &str) -> anyhow::Result<BTreeMap<NodeId, String>> {
+    parse_node_addrs(s, "the initial cluster")
+}
+
+/// Parses `ID=HOST:PORT,...` (the initial cluster, or `--raft-peer-routes`); `what` names the list in errors.
+pub fn parse_node_addrs(s: &str, what: &str) -> anyhow::Result<BTreeMap<NodeId, String>> {
     let mut out = BTreeMap::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (id, addr) =
-            part.split_once('=').with_context(|| format!("initial cluster entry {part:?} is not ID=HOST:PORT"))?;
+            part.split_once('=').with_context(|| format!("entry {part:?} of {what} is not ID=HOST:PORT"))?;
         let id: NodeId = id.trim().parse().with_context(|| format!("node id {id:?} is not a number"))?;
         if id == 0 {
             bail!("node id 0 is reserved; node ids start at 1");
@@ -55,11 +60,11 @@ pub fn parse_initial_cluster(s: &str) -> anyhow::Result<BTreeMap<NodeId, String>
         addr.parse::<SocketAddr>()
             .with_context(|| format!("address {addr:?} of node {id} is not HOST:PORT with a numeric IP"))?;
         if out.insert(id, addr.to_owned()).is_some() {
-            bail!("node id {id} appears twice in the initial cluster");
+            bail!("node id {id} appears twice in {what}");
         }
     }
     if out.is_empty() {
-        bail!("the initial cluster is empty");
+        bail!("{what} is empty");
     }
     Ok(out)
 }
@@ -290,6 +295,8 @@ mod tests {
             let e = parse_initial_cluster(bad).expect_err(bad).to_string();
             assert!(e.contains(says), "{bad:?}: {e}");
         }
+        let e = parse_node_addrs("2=127.0.0.1:1,2=127.0.0.1:2", "--raft-peer-routes").expect_err("dup").to_string();
+        assert!(e.contains("twice in --raft-peer-routes"), "{e}");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use flotilla_broker::broker::{BrokerConfig, parse_initial_cluster};
+use flotilla_broker::broker::{BrokerConfig, parse_initial_cluster, parse_node_addrs};
 use flotilla_raft_store::node::RaftTiming;
 
 #[derive(Parser, Debug)]
@@ -83,7 +83,7 @@ fn main() -> anyhow::Result<()> {
         timing: RaftTiming::default(),
         metrics_listen: args.metrics_listen.or(file.metrics_listen),
         raft_peer_routes: match args.raft_peer_routes.or(file.raft_peer_routes) {
-            Some(routes) => parse_initial_cluster(&routes).context("--raft-peer-routes")?,
+            Some(routes) => parse_node_addrs(&routes, "--raft-peer-routes")?,
             None => Default::default(),
         },
     };

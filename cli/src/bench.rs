@@ -204,7 +204,7 @@ pub async fn produce(client: Arc<Client>, bench: ProduceBench, servers: Option<&
     let start = Instant::now();
     let measure_from = start + bench.warmup;
     let end = measure_from + bench.duration;
-    let usage_start = servers.map(Brokers::sample);
+    let meter = Brokers::meter(servers);
     let progress = tally.progress();
     let window = Window { measure_from, end };
     let tasks: Vec<tokio::task::JoinHandle<()>> = match bench.linger {
@@ -251,7 +251,7 @@ pub async fn produce(client: Arc<Client>, bench: ProduceBench, servers: Option<&
         let _ = t.await;
     }
     progress.abort();
-    let usage = usage_start.and_then(|s| servers.map(|b| b.usage_since(&s)));
+    let usage = meter.map(Meter::usage);
     Ok(tally.report(bench.duration.as_secs_f64(), "ack", usage))
 }
 
@@ -416,7 +416,7 @@ pub async fn consume(client: Arc<Client>, bench: ConsumeBench, servers: Option<&
         let to = client.list_offsets(&bench.topic, p, pb::OffsetSpec::Latest, 0).await?;
         ranges.push((p, from, to));
     }
-    let usage_start = servers.map(Brokers::sample);
+    let meter = Brokers::meter(servers);
     let start = Instant::now();
     let end = start + bench.duration;
     let progress = tally.progress();
@@ -455,7 +455,7 @@ pub async fn consume(client: Arc<Client>, bench: ConsumeBench, servers: Option<&
     }
     progress.abort();
     let seconds = start.elapsed().as_secs_f64();
-    let usage = usage_start.and_then(|s| servers.map(|b| b.usage_since(&s)));
+    let usage = meter.map(Meter::usage);
     Ok(tally.report(seconds, "fetch", usage))
 }
 
@@ -508,7 +508,7 @@ pub async fn e2e(client: Arc<Client>, bench: ProduceBench, servers: Option<&Brok
             }
         }));
     }
-    let usage_start = servers.map(Brokers::sample);
+    let meter = Brokers::meter(servers);
     let progress = tally.progress();
     // producers x in_flight senders, each on its share of the rate, so a slow acknowledgement does not hold
     // the next record back (its intended time stays on schedule).
@@ -547,7 +547,7 @@ pub async fn e2e(client: Arc<Client>, bench: ProduceBench, servers: Option<&Brok
         let _ = c.await;
     }
     progress.abort();
-    let usage = usage_start.and_then(|s| servers.map(|b| b.usage_since(&s)));
+    let usage = meter.map(Meter::usage);
     Ok(tally.report(bench.duration.as_secs_f64(), "end-to-end", usage))
 }
 
@@ -571,14 +571,27 @@ impl Brokers {
         (alive && !pids.is_empty()).then_some(Brokers { pids })
     }
 
-    /// Total CPU seconds of the brokers so far.
-    fn sample(&self) -> f64 {
-        self.pids.iter().filter_map(|p| cpu_seconds(*p)).sum()
+    /// Starts measuring the brokers' resource use, if they are known.
+    fn meter(brokers: Option<&Brokers>) -> Option<Meter<'_>> {
+        brokers.map(|b| Meter { brokers: b, cpu_at_start: b.cpu_seconds() })
     }
 
-    fn usage_since(&self, cpu_at_start: &f64) -> ServerUsage {
-        let peak: f64 = self.pids.iter().filter_map(|p| peak_rss_kb(*p)).fold(0.0, f64::max);
-        ServerUsage { cpu_seconds: self.sample() - cpu_at_start, peak_rss_mb: peak / 1024.0 }
+    /// Total CPU seconds of the brokers so far.
+    fn cpu_seconds(&self) -> f64 {
+        self.pids.iter().filter_map(|p| cpu_seconds(*p)).sum()
+    }
+}
+
+/// The brokers' resource use since a benchmark began.
+struct Meter<'a> {
+    brokers: &'a Brokers,
+    cpu_at_start: f64,
+}
+
+impl Meter<'_> {
+    fn usage(self) -> ServerUsage {
+        let peak: f64 = self.brokers.pids.iter().filter_map(|p| peak_rss_kb(*p)).fold(0.0, f64::max);
+        ServerUsage { cpu_seconds: self.brokers.cpu_seconds() - self.cpu_at_start, peak_rss_mb: peak / 1024.0 }
     }
 }
 

@@ -135,50 +135,36 @@ fn real_main() -> anyhow::Result<bool> {
             Ok(true)
         }
         Command::Run(args) => {
-            let RunArgs {
-                scenario,
-                target,
-                duration,
-                seed,
-                faults,
-                nodes,
-                topics,
-                partitions,
-                replication_factor,
-                rate,
-                writers,
-                consumers,
-                interval,
-                rotate_after,
-                work_dir,
-                keep,
-                report: report_path,
-                broker,
-            } = *args;
-            if target != "local" {
-                bail!("target {target:?} is not supported yet; use --target local");
+            let args = *args;
+            if args.target != "local" {
+                bail!("target {:?} is not supported yet; use --target local", args.target);
             }
-            let scenario = scenario::find(&scenario)?;
-            let faults: Vec<FaultKind> = match faults {
+            let scenario = scenario::find(&args.scenario)?;
+            let faults: Vec<FaultKind> = match &args.faults {
                 Some(names) => names.iter().map(|n| n.parse()).collect::<anyhow::Result<_>>()?,
                 None => scenario.faults.to_vec(),
             };
-            if !(rate > 0.0 && rate.is_finite()) || writers == 0 || topics == 0 || rotate_after == 0 {
+            if !(args.rate > 0.0 && args.rate.is_finite())
+                || args.writers == 0
+                || args.topics == 0
+                || args.rotate_after == 0
+            {
                 bail!("--rate, --writers, --topics and --rotate-after must be positive");
             }
-            if !(interval >= 1.0 && interval.is_finite()) {
+            if !(args.interval >= 1.0 && args.interval.is_finite()) {
                 bail!("--interval must be at least 1 second");
             }
-            if replication_factor == 0 || u64::from(replication_factor) > nodes {
-                bail!("--replication-factor must be between 1 and --nodes ({nodes})");
+            if args.replication_factor == 0 || u64::from(args.replication_factor) > args.nodes {
+                bail!("--replication-factor must be between 1 and --nodes ({})", args.nodes);
             }
-            let partitions = partitions.unwrap_or(scenario.partitions);
+            let partitions = args.partitions.unwrap_or(scenario.partitions);
             if partitions == 0 {
                 bail!("--partitions must be positive");
             }
-            let seed =
-                seed.unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64));
-            let work_dir = work_dir.unwrap_or_else(|| {
+            let seed = args
+                .seed
+                .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64));
+            let work_dir = args.work_dir.unwrap_or_else(|| {
                 std::env::temp_dir().join(format!("flotilla-harness-{seed}-{}", std::process::id()))
             });
             println!("scenario {} ({}), seed {seed}, work dir {}", scenario.name, scenario.title, work_dir.display());
@@ -187,29 +173,29 @@ fn real_main() -> anyhow::Result<bool> {
                 scenario,
                 faults,
                 seed,
-                duration: parse_duration(&duration)?,
-                nodes,
-                topics,
+                duration: parse_duration(&args.duration)?,
+                nodes: args.nodes,
+                topics: args.topics,
                 partitions,
-                replication_factor,
-                rate,
-                writers,
-                consumers,
-                interval,
-                rotate_after,
+                replication_factor: args.replication_factor,
+                rate: args.rate,
+                writers: args.writers,
+                consumers: args.consumers,
+                interval: args.interval,
+                rotate_after: args.rotate_after,
                 work_dir: work_dir.clone(),
-                broker: find_broker(broker)?,
+                broker: find_broker(args.broker)?,
             };
             let result = runtime.block_on(run(config))?;
             print!("{}", report::summary(&result));
             let json = serde_json::to_string_pretty(&result)?;
             std::fs::write(work_dir.join("report.json"), &json)?;
             std::fs::write(work_dir.join("history.json"), serde_json::to_string(&result.history)?)?;
-            if let Some(path) = report_path {
+            if let Some(path) = args.report {
                 std::fs::write(&path, &json).with_context(|| format!("cannot write {}", path.display()))?;
                 println!("report: {}", path.display());
             }
-            if result.passed && !keep {
+            if result.passed && !args.keep {
                 std::fs::remove_dir_all(&work_dir)?;
             } else {
                 println!("data, node logs, report.json and history.json: {}", work_dir.display());
