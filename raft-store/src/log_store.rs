@@ -3,7 +3,7 @@
 //! Writes go to the engine unsynced (readable at once), then a job on the node's [`WalSyncer`] fires the
 //! openraft callback after the fsync that covers them. A small tail cache keeps the newest entries decoded,
 //! because the leader reads each fresh entry back once per follower to replicate it, and consumers tail the
-//! newest records.
+//! newest records. The node's groups share one [`TailBudget`] for it.
 //!
 //! Architecture Invariant: entries, vote, committed index and purge marker of a group are written by this
 //! module only, in the order openraft submits them (each call writes before it returns), so the WAL holds
@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
@@ -30,9 +31,37 @@ use crate::wal::{SyncJob, WalSyncer};
 
 /// Entries kept decoded per group, newest first out of the cache last.
 const TAIL_CACHE_ENTRIES_MAX: usize = 1024;
-/// Payload bytes kept decoded per group. Per group, not per node: a node-wide budget shared with the
-/// RocksDB block cache is still to come (memory grows with the number of hosted groups).
+/// Payload bytes kept decoded per group at most, however large the node's budget.
 const TAIL_CACHE_BYTES_MAX: usize = 2 << 20;
+
+/// The node-wide budget of decoded tail-cache bytes, shared fairly by the node's groups: each group keeps
+/// at most `cap / groups` (and at most [`TAIL_CACHE_BYTES_MAX`]). A group above its share, because groups
+/// were added since its last append, gives the excess back on its next append.
+pub struct TailBudget {
+    cap: usize,
+    used: AtomicUsize,
+    groups: AtomicUsize,
+}
+
+impl TailBudget {
+    pub fn new(cap: usize) -> Arc<Self> {
+        Arc::new(Self { cap, used: AtomicUsize::new(0), groups: AtomicUsize::new(0) })
+    }
+
+    /// The bytes one group may keep now.
+    fn share(&self) -> usize {
+        (self.cap / self.groups.load(Ordering::Relaxed).max(1)).min(TAIL_CACHE_BYTES_MAX)
+    }
+
+    /// Bytes cached by all groups together.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+}
 
 struct LogInner {
     last_purged: Option<LogId>,
@@ -41,6 +70,7 @@ struct LogInner {
     committed: Option<LogId>,
     cache: BTreeMap<u64, Entry>,
     cache_bytes: usize,
+    budget: Arc<TailBudget>,
     /// Set once corruption or a failed write is seen: the group must stop.
     failed: Option<String>,
 }
@@ -54,13 +84,14 @@ fn payload_len(e: &Entry) -> usize {
 
 impl LogInner {
     fn cache_insert(&mut self, e: Entry) {
-        self.cache_bytes += payload_len(&e);
+        self.add_cached(payload_len(&e));
         if let Some(old) = self.cache.insert(e.log_id.index, e) {
-            self.cache_bytes -= payload_len(&old);
+            self.sub_cached(payload_len(&old));
         }
-        while self.cache.len() > TAIL_CACHE_ENTRIES_MAX || self.cache_bytes > TAIL_CACHE_BYTES_MAX {
+        let share = self.budget.share();
+        while self.cache.len() > TAIL_CACHE_ENTRIES_MAX || self.cache_bytes > share {
             match self.cache.pop_first() {
-                Some((_, old)) => self.cache_bytes -= payload_len(&old),
+                Some((_, old)) => self.sub_cached(payload_len(&old)),
                 None => break,
             }
         }
@@ -69,7 +100,7 @@ impl LogInner {
     /// Drops cached entries with index >= `from`.
     fn cache_truncate(&mut self, from: u64) {
         let dropped = self.cache.split_off(&from);
-        self.cache_bytes -= dropped.values().map(payload_len).sum::<usize>();
+        self.sub_cached(dropped.values().map(payload_len).sum::<usize>());
     }
 
     /// Drops cached entries with index <= `upto`.
@@ -79,7 +110,24 @@ impl LogInner {
             None => BTreeMap::new(),
         };
         let dropped = std::mem::replace(&mut self.cache, kept);
-        self.cache_bytes -= dropped.values().map(payload_len).sum::<usize>();
+        self.sub_cached(dropped.values().map(payload_len).sum::<usize>());
+    }
+
+    fn add_cached(&mut self, n: usize) {
+        self.cache_bytes += n;
+        self.budget.used.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn sub_cached(&mut self, n: usize) {
+        self.cache_bytes -= n;
+        self.budget.used.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+impl Drop for LogInner {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.cache_bytes, Ordering::Relaxed);
+        self.budget.groups.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -128,8 +176,14 @@ fn encode_log_id(id: Option<&LogId>) -> bytes::Bytes {
 }
 
 impl LogStore {
-    /// Opens group `group`'s log, recovering its state from the engine.
-    pub fn open(group: GroupId, engine: Arc<dyn Engine>, syncer: WalSyncer) -> io::Result<Self> {
+    /// Opens group `group`'s log, recovering its state from the engine. Its tail cache takes a share of
+    /// `budget`.
+    pub fn open(
+        group: GroupId,
+        engine: Arc<dyn Engine>,
+        syncer: WalSyncer,
+        budget: Arc<TailBudget>,
+    ) -> io::Result<Self> {
         let vote = read_meta(&*engine, group, meta_tag::VOTE, "vote", codec::decode_vote)?;
         let committed = read_meta(&*engine, group, meta_tag::COMMITTED, "committed index", decode_log_id)?.flatten();
         let last_purged = read_meta(&*engine, group, meta_tag::LAST_PURGED, "purge marker", decode_log_id)?.flatten();
@@ -154,6 +208,10 @@ impl LogStore {
                 committed,
                 cache: BTreeMap::new(),
                 cache_bytes: 0,
+                budget: {
+                    budget.groups.fetch_add(1, Ordering::Relaxed);
+                    budget
+                },
                 failed: None,
             }),
         };

@@ -20,7 +20,7 @@ use openraft::{BasicNode, Config, RaftMetrics, SnapshotPolicy};
 use crate::codec;
 use crate::engine::{Cf, Engine, WriteBatch};
 use crate::keys::{self, GroupId, meta_tag};
-use crate::log_store::LogStore;
+use crate::log_store::{LogStore, TailBudget};
 use crate::state_machine::{Cut, GroupStateMachine, Mode, SmShared};
 use flotilla_proto::raft::raft_transport_server::RaftTransportServer;
 
@@ -44,6 +44,22 @@ impl Default for RaftTiming {
     /// after 1-2 s of silence.
     fn default() -> Self {
         Self { heartbeat_interval_ms: 250, election_timeout_min_ms: 1000, election_timeout_max_ms: 2000 }
+    }
+}
+
+/// Per-node settings beyond the engine.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    pub timing: RaftTiming,
+    /// Peers whose Raft traffic is dialled at another address than their membership address.
+    pub routes: HashMap<NodeId, String>,
+    /// Decoded-entry tail cache of all groups together (see [`TailBudget`]).
+    pub tail_cache_bytes: usize,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        Self { timing: RaftTiming::default(), routes: HashMap::new(), tail_cache_bytes: 64 << 20 }
     }
 }
 
@@ -221,7 +237,24 @@ impl Group {
     /// Log mode: removes every record below `before_offset` (whole entries only) on this replica.
     /// Snapshots at the cut and lets openraft purge the log up to it. Returns the cut taken, if any.
     pub async fn retention_cut(&self, before_offset: u64) -> io::Result<Option<Cut>> {
-        let Some(cut) = self.sm.plan_cut(before_offset)? else {
+        let cut = self.sm.plan_cut(before_offset)?;
+        self.take_cut(cut).await
+    }
+
+    /// Log mode: applies `retention.ms` (records whose entry's newest timestamp is before `older_than_ms`)
+    /// and `retention.bytes` (the log's RecordBatch bytes) on this replica, at whole entries. Each replica
+    /// runs it on its own copy, as Kafka replicas delete their own segments.
+    pub async fn enforce_retention(
+        &self,
+        older_than_ms: Option<i64>,
+        bytes_max: Option<u64>,
+    ) -> io::Result<Option<Cut>> {
+        let cut = self.sm.plan_retention(older_than_ms, bytes_max)?;
+        self.take_cut(cut).await
+    }
+
+    async fn take_cut(&self, cut: Option<Cut>) -> io::Result<Option<Cut>> {
+        let Some(cut) = cut else {
             return Ok(None);
         };
         self.raft.trigger().snapshot().await.map_err(io::Error::other)?;
@@ -241,26 +274,29 @@ pub struct RaftNode {
     syncer: WalSyncer,
     pool: Arc<PeerPool>,
     timing: RaftTiming,
+    tail: Arc<TailBudget>,
     groups: RwLock<HashMap<GroupId, Group>>,
 }
 
 impl RaftNode {
     /// Opens the node and every group recorded in its engine.
     pub async fn open(id: NodeId, engine: Arc<dyn Engine>, timing: RaftTiming) -> io::Result<Arc<Self>> {
-        Self::open_routed(id, engine, timing, HashMap::new()).await
+        Self::open_with(id, engine, NodeOptions { timing, ..NodeOptions::default() }).await
     }
 
-    /// [`RaftNode::open`], dialling the peers in `routes` at the address given there instead of their
-    /// membership address.
-    pub async fn open_routed(
-        id: NodeId,
-        engine: Arc<dyn Engine>,
-        timing: RaftTiming,
-        routes: HashMap<NodeId, String>,
-    ) -> io::Result<Arc<Self>> {
+    /// [`RaftNode::open`] with every per-node setting.
+    pub async fn open_with(id: NodeId, engine: Arc<dyn Engine>, options: NodeOptions) -> io::Result<Arc<Self>> {
         let syncer = WalSyncer::start(engine.clone());
-        let pool = PeerPool::new(id, routes);
-        let node = Arc::new(Self { id, engine, syncer, pool, timing, groups: RwLock::new(HashMap::new()) });
+        let pool = PeerPool::new(id, options.routes);
+        let node = Arc::new(Self {
+            id,
+            engine,
+            syncer,
+            pool,
+            timing: options.timing,
+            tail: TailBudget::new(options.tail_cache_bytes),
+            groups: RwLock::new(HashMap::new()),
+        });
         for (group, mode) in node.recorded_groups()? {
             node.start_group(group, mode).await?;
         }
@@ -273,6 +309,11 @@ impl RaftNode {
 
     pub fn engine(&self) -> &Arc<dyn Engine> {
         &self.engine
+    }
+
+    /// The groups' shared tail-cache budget.
+    pub fn tail_budget(&self) -> &Arc<TailBudget> {
+        &self.tail
     }
 
     pub fn sync_stats(&self) -> SyncStatsSnapshot {
@@ -303,7 +344,7 @@ impl RaftNode {
     }
 
     async fn start_group(&self, group: GroupId, mode: Mode) -> io::Result<Group> {
-        let log = LogStore::open(group, self.engine.clone(), self.syncer.clone())?;
+        let log = LogStore::open(group, self.engine.clone(), self.syncer.clone(), self.tail.clone())?;
         let sm = GroupStateMachine::open(group, mode, self.engine.clone(), log.shared().clone())?;
         let sm_shared = sm.shared().clone();
         let network = GroupNetworkFactory::new(group, self.pool.clone());

@@ -55,6 +55,19 @@ pub fn read(sm: &SmShared, offset: u64, max_bytes: usize) -> Result<(Vec<Fetched
         if rows.is_empty() {
             break;
         }
+        // Offsets are dense, so the rows start at or below `next` unless a retention cut removed the rows
+        // holding it since the state check: serve what was gathered, or say where the log starts now.
+        if rows[0].base_offset > next {
+            if !out.is_empty() {
+                break;
+            }
+            let now = sm.partition_state();
+            return Err(ReadError::OffsetOutOfRange {
+                offset,
+                log_start_offset: now.log_start_offset,
+                high_watermark: now.high_watermark,
+            });
+        }
         for row in rows {
             if row.base_offset + u64::from(row.count) <= next {
                 continue;

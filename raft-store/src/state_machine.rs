@@ -70,6 +70,8 @@ pub struct PartitionState {
     pub high_watermark: u64,
     /// Raft index of the last applied entry.
     pub applied_index: u64,
+    /// RecordBatch bytes between the log start and the high watermark (what `retention.bytes` limits).
+    pub log_bytes: u64,
 }
 
 /// A pending retention cut: snapshot at raft index `index`; offsets below `start_offset` go away.
@@ -86,21 +88,27 @@ pub struct IndexRow {
     pub raft_index: u64,
     pub count: u32,
     pub max_timestamp: i64,
+    /// RecordBatch bytes of the entry.
+    pub bytes: u32,
 }
 
 impl IndexRow {
     fn encode(&self) -> Bytes {
-        let mut out = BytesMut::with_capacity(20);
+        let mut out = BytesMut::with_capacity(24);
         out.put_u64(self.raft_index);
         out.put_u32(self.count);
         out.put_i64(self.max_timestamp);
+        out.put_u32(self.bytes);
         out.freeze()
     }
 
+    /// Rows written before sizes were recorded (20 bytes) read as size 0.
     pub(crate) fn decode(key: &[u8], value: &[u8]) -> Option<IndexRow> {
         let base_offset = keys::suffix_u64(key)?;
         let mut r = Reader::new(Bytes::copy_from_slice(value));
-        Some(IndexRow { base_offset, raft_index: r.u64().ok()?, count: r.u32().ok()?, max_timestamp: r.i64().ok()? })
+        let (raft_index, count, max_timestamp) = (r.u64().ok()?, r.u32().ok()?, r.i64().ok()?);
+        let bytes = if r.is_empty() { 0 } else { r.u32().ok()? };
+        r.is_empty().then_some(IndexRow { base_offset, raft_index, count, max_timestamp, bytes })
     }
 }
 
@@ -240,6 +248,8 @@ impl KvCommand {
 struct LogModeState {
     next_offset: u64,
     log_start_offset: u64,
+    /// RecordBatch bytes in `[log_start_offset, next_offset)`.
+    log_bytes: u64,
     /// Memberships since the last cut, plus the last one at or before it, oldest first.
     memberships: Vec<StoredMembership>,
     pending_cut: Option<Cut>,
@@ -269,7 +279,8 @@ pub struct GroupStateMachine {
     shared: Arc<SmShared>,
 }
 
-const STATE_VERSION: u8 = 1;
+/// Version 2 added `log_bytes`; version 1 states read as `log_bytes` 0.
+const STATE_VERSION: u8 = 2;
 const LOG_SNAPSHOT_VERSION: u8 = 1;
 
 fn encode_snapshot_record(snapshot: &Snapshot) -> Bytes {
@@ -324,7 +335,22 @@ impl SmInner {
         for m in &self.log.memberships {
             codec::put_stored_membership(&mut out, m);
         }
+        out.put_u64(self.log.log_bytes);
         codec::seal(&out)
+    }
+
+    /// Whether a snapshot installed since `cut` was planned already covers it.
+    fn overtaken_by_snapshot(&self, cut: Cut) -> bool {
+        let newest = self.snapshot.as_ref().and_then(|c| c.meta.last_log_id).map(|l| l.index);
+        self.log.log_start_offset >= cut.start_offset || newest.is_some_and(|i| i >= cut.index)
+    }
+
+    /// Drops an overtaken `cut` and returns the snapshot that covers it.
+    fn take_overtaken(&mut self, group: GroupId, cut: Cut) -> io::Result<Snapshot> {
+        if self.log.pending_cut == Some(cut) {
+            self.log.pending_cut = None;
+        }
+        self.snapshot.clone().ok_or_else(|| io_err(group, "snapshot", "an overtaken cut without a snapshot"))
     }
 
     fn published(&self) -> PartitionState {
@@ -332,6 +358,7 @@ impl SmInner {
             log_start_offset: self.log.log_start_offset,
             high_watermark: self.log.next_offset,
             applied_index: self.applied.map_or(0, |l| l.index),
+            log_bytes: self.log.log_bytes,
         }
     }
 
@@ -380,7 +407,7 @@ impl GroupStateMachine {
                     let mut r = Reader::new(body);
                     let decoded: Result<(), CodecError> = (|| {
                         let version = r.u8()?;
-                        if version != STATE_VERSION {
+                        if version != STATE_VERSION && version != 1 {
                             return Err(CodecError::Unknown { what: "state version", value: version });
                         }
                         inner.applied = codec::read_log_id(&mut r)?;
@@ -389,6 +416,9 @@ impl GroupStateMachine {
                         let n = r.u32()?;
                         for _ in 0..n {
                             inner.log.memberships.push(codec::read_stored_membership(&mut r)?);
+                        }
+                        if version >= 2 {
+                            inner.log.log_bytes = r.u64()?;
                         }
                         Ok(())
                     })();
@@ -460,17 +490,39 @@ impl SmShared {
     /// Log mode: plans a retention cut removing every record below `before_offset`, at whole entries.
     /// Returns `None` when no whole entry lies below it. The cut is taken by the next snapshot build.
     pub fn plan_cut(&self, before_offset: u64) -> io::Result<Option<Cut>> {
-        let (group, start, applied) = {
+        self.plan(|row, _, _| row.base_offset + u64::from(row.count) <= before_offset)
+    }
+
+    /// Log mode: plans the cut `retention.ms` and `retention.bytes` ask for: whole entries from the start
+    /// of the log whose newest record is older than `older_than_ms`, and the oldest entries whose removal
+    /// still leaves at least `bytes_max` (as Kafka deletes a segment only if the log stays at or above
+    /// `retention.bytes` without it). `None` when nothing is due.
+    pub fn plan_retention(&self, older_than_ms: Option<i64>, bytes_max: Option<u64>) -> io::Result<Option<Cut>> {
+        self.plan(|row, removed, log_bytes| {
+            older_than_ms.is_some_and(|t| row.max_timestamp < t)
+                || bytes_max.is_some_and(|max| {
+                    log_bytes.checked_sub(removed + u64::from(row.bytes)).is_some_and(|left| left >= max)
+                })
+        })
+    }
+
+    /// The cut after the longest run of applied entries from the log start that `due(row, bytes removed
+    /// before it, log bytes)` accepts (start and size read together).
+    fn plan(&self, mut due: impl FnMut(&IndexRow, u64, u64) -> bool) -> io::Result<Option<Cut>> {
+        let (group, start, applied, log_bytes) = {
             let inner = self.lock();
-            (inner.group, inner.log.log_start_offset, inner.applied.map_or(0, |l| l.index))
+            (inner.group, inner.log.log_start_offset, inner.applied.map_or(0, |l| l.index), inner.log.log_bytes)
         };
         let mut last: Option<IndexRow> = None;
+        let mut removed = 0u64;
+        let (_, group_end) = keys::group_range(group);
         self.engine.scan(
             Cf::OffsetIdx,
             &keys::group_u64(group, start),
-            &keys::group_u64(group, before_offset),
+            &group_end,
             &mut |k, v| match IndexRow::decode(k, v) {
-                Some(row) if row.base_offset + u64::from(row.count) <= before_offset && row.raft_index <= applied => {
+                Some(row) if row.raft_index <= applied && due(&row, removed, log_bytes) => {
+                    removed += u64::from(row.bytes);
                     last = Some(row);
                     true
                 }
@@ -485,6 +537,19 @@ impl SmShared {
             }
         }
         Ok(cut)
+    }
+
+    /// RecordBatch bytes of the offset-index rows with base offsets in `[from, to)`.
+    fn row_bytes(&self, group: GroupId, from: u64, to: u64) -> io::Result<u64> {
+        let mut total = 0u64;
+        if from >= to {
+            return Ok(0);
+        }
+        self.engine.scan(Cf::OffsetIdx, &keys::group_u64(group, from), &keys::group_u64(group, to), &mut |k, v| {
+            total += IndexRow::decode(k, v).map_or(0, |r| u64::from(r.bytes));
+            true
+        })?;
+        Ok(total)
     }
 
     /// Offset-index rows with base offset in `[from, to)`, after the last row at or below `from`.
@@ -522,6 +587,7 @@ impl SmShared {
         };
         let mut count: u64 = 0;
         let mut max_timestamp = i64::MIN;
+        let bytes: usize = batches.iter().map(Bytes::len).sum();
         for b in &batches {
             match record_batch::parse_header(b) {
                 Ok(h) if h.total_bytes == b.len() => {
@@ -539,9 +605,11 @@ impl SmShared {
             }
         }
         let base_offset = inner.log.next_offset;
-        let row = IndexRow { base_offset, raft_index: index, count: count as u32, max_timestamp };
+        let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
+        let row = IndexRow { base_offset, raft_index: index, count: count as u32, max_timestamp, bytes };
         batch.put(Cf::OffsetIdx, keys::group_u64(inner.group, base_offset), row.encode());
         inner.log.next_offset += count;
+        inner.log.log_bytes += u64::from(bytes);
         Response::Appended { base_offset, last_offset: inner.log.next_offset - 1 }
     }
 
@@ -594,11 +662,25 @@ impl SnapshotBuilder {
                 });
             }
         };
-        let entry = s
-            .log
-            .entry(cut.index)?
-            .ok_or_else(|| io_err(group, "snapshot", format!("cut entry {} is no longer in the log", cut.index)))?;
+        let Some(entry) = s.log.entry(cut.index)? else {
+            // Purged by a snapshot installed since the cut was planned, which then covers it.
+            let mut inner = s.lock();
+            if inner.overtaken_by_snapshot(cut) {
+                return inner.take_overtaken(group, cut);
+            }
+            return Err(io_err(group, "snapshot", format!("cut entry {} is no longer in the log", cut.index)));
+        };
+        // The rows below the cut are counted before the lock is taken, so applies do not wait on the scan;
+        // if an installed snapshot moved the log start meanwhile (rare), they are counted again.
+        let start_seen = s.lock().log.log_start_offset;
+        let mut cut_bytes = s.row_bytes(group, start_seen, cut.start_offset)?;
         let mut inner = s.lock();
+        if inner.overtaken_by_snapshot(cut) {
+            return inner.take_overtaken(group, cut);
+        }
+        if inner.log.log_start_offset != start_seen {
+            cut_bytes = s.row_bytes(group, inner.log.log_start_offset, cut.start_offset)?;
+        }
         let membership = inner.membership_at(cut.index);
         let mut data = BytesMut::new();
         data.put_u8(LOG_SNAPSHOT_VERSION);
@@ -614,7 +696,11 @@ impl SnapshotBuilder {
         inner.log.memberships.insert(0, membership);
         let old_start = inner.log.log_start_offset;
         inner.log.log_start_offset = inner.log.log_start_offset.max(cut.start_offset);
-        inner.log.pending_cut = None;
+        inner.log.log_bytes = inner.log.log_bytes.saturating_sub(cut_bytes);
+        // A later cut planned while this one was built stays pending for the next build.
+        if inner.log.pending_cut == Some(cut) {
+            inner.log.pending_cut = None;
+        }
         let mut batch = WriteBatch::new();
         batch.put(Cf::RaftMeta, keys::group_tag(group, meta_tag::SNAPSHOT), encode_snapshot_record(&snapshot));
         batch.put(Cf::SmMeta, keys::group_tag(group, sm_tag::STATE), inner.encode_state());
@@ -733,6 +819,8 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
                 let (start_offset, next_offset) = parsed.map_err(|e| io_err(group, "received snapshot", e))?;
                 inner.log.log_start_offset = start_offset;
                 inner.log.next_offset = next_offset;
+                // A log-mode snapshot holds no records: everything up to it was cut.
+                inner.log.log_bytes = 0;
                 inner.log.memberships = vec![meta.last_membership.clone()];
                 inner.log.pending_cut = None;
                 // Rows past the snapshot are rebuilt as openraft re-applies the log after it.

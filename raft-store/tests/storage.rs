@@ -15,7 +15,7 @@ use tempfile::TempDir;
 
 use flotilla_raft_store::engine::{Cf, Engine, MemEngine, RocksConfig, RocksEngine};
 use flotilla_raft_store::keys;
-use flotilla_raft_store::log_store::LogStore;
+use flotilla_raft_store::log_store::{LogStore, TailBudget};
 use flotilla_raft_store::state_machine::{GroupStateMachine, Mode};
 use flotilla_raft_store::types::{Command, Entry, TypeConfig, Vote, log_id};
 use flotilla_raft_store::wal::WalSyncer;
@@ -26,7 +26,7 @@ fn storage_error(e: io::Error) -> StorageError<TypeConfig> {
 
 fn open_store(engine: Arc<dyn Engine>, group: u64) -> io::Result<(LogStore, GroupStateMachine)> {
     let syncer = WalSyncer::start(engine.clone());
-    let log = LogStore::open(group, engine.clone(), syncer)?;
+    let log = LogStore::open(group, engine.clone(), syncer, TailBudget::new(8 << 20))?;
     let sm = GroupStateMachine::open(group, Mode::Kv, engine, log.shared().clone())?;
     Ok((log, sm))
 }
@@ -173,4 +173,31 @@ async fn a_crash_after_a_purge_never_leaves_a_log_with_a_silent_hole() {
     let state = reopened.get_log_state().await.expect("state");
     assert_eq!(state.last_purged_log_id, Some(log_id(1, 3)), "the purge marker survived the crash");
     assert_eq!(reopened.try_get_log_entries(4..6).await.expect("read"), vec![data_entry(1, 4), data_entry(1, 5)]);
+}
+
+#[tokio::test]
+async fn groups_share_the_tail_cache_budget_and_entries_past_it_are_read_from_the_engine() {
+    let engine: Arc<dyn Engine> = Arc::new(MemEngine::new());
+    let syncer = WalSyncer::start(engine.clone());
+    let budget = TailBudget::new(64 << 10);
+    let value = Bytes::from(vec![7u8; 1000]);
+    let entry = |i: u64| Entry::new_normal(log_id(1, i), Command(value.clone()));
+    let mut logs = Vec::new();
+    for group in 1..=4 {
+        logs.push(LogStore::open(group, engine.clone(), syncer.clone(), budget.clone()).expect("log"));
+    }
+    for log in &mut logs {
+        log.blocking_append((1..=200).map(entry)).await.expect("append");
+    }
+    // Four groups of 200 KB each against a 64 KB budget: each keeps at most its quarter.
+    assert!(budget.used() <= budget.cap(), "cached {} of a {} budget", budget.used(), budget.cap());
+    assert!(budget.used() >= budget.cap() / 2, "the budget is used, not starved: {}", budget.used());
+    for log in &mut logs {
+        let all = log.try_get_log_entries(1..201).await.expect("read");
+        assert_eq!(all, (1..=200).map(entry).collect::<Vec<_>>(), "evicted entries come from the engine");
+    }
+    // A dropped group hands its bytes back.
+    let before = budget.used();
+    drop(logs.pop());
+    assert!(budget.used() < before, "{} after dropping a group, {before} before", budget.used());
 }

@@ -155,4 +155,16 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Hints that `[from, to)` of `cf` was range-deleted and its files can be dropped now.
     fn reclaim_range(&self, cf: Cf, from: &[u8], to: &[u8]) -> Result<(), EngineError>;
+
+    /// Memory the engine holds in memtables and its block cache, for metrics.
+    fn memory_usage(&self) -> EngineMemory {
+        EngineMemory::default()
+    }
+}
+
+/// Engine memory by use, in bytes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EngineMemory {
+    pub memtables: u64,
+    pub block_cache: u64,
 }

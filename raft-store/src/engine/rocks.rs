@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use rocksdb::{
-    BlockBasedOptions, ColumnFamilyDescriptor, DB, DBCompressionType, Direction, IteratorMode, Options, ReadOptions,
-    SliceTransform, WriteOptions,
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, Direction, IteratorMode, Options,
+    ReadOptions, SliceTransform, WriteOptions,
 };
 
-use super::{Cf, Engine, EngineError, Op, WriteBatch};
+use super::{Cf, Engine, EngineError, EngineMemory, Op, WriteBatch};
 use crate::keys::GROUP_PREFIX_BYTES;
 
 /// Tunables of the node's RocksDB.
@@ -20,6 +20,8 @@ use crate::keys::GROUP_PREFIX_BYTES;
 pub struct RocksConfig {
     /// Cap on all memtables together.
     pub write_buffer_bytes_max: usize,
+    /// The one block cache every column family shares.
+    pub block_cache_bytes: usize,
     /// Forces memtable flushes once the WAL holds this much, so old WAL files can be deleted.
     pub wal_bytes_max: u64,
     pub background_jobs: i32,
@@ -27,13 +29,19 @@ pub struct RocksConfig {
 
 impl Default for RocksConfig {
     fn default() -> Self {
-        Self { write_buffer_bytes_max: 256 << 20, wal_bytes_max: 512 << 20, background_jobs: 2 }
+        Self {
+            write_buffer_bytes_max: 128 << 20,
+            block_cache_bytes: 64 << 20,
+            wal_bytes_max: 512 << 20,
+            background_jobs: 2,
+        }
     }
 }
 
 /// A node's RocksDB.
 pub struct RocksEngine {
     db: DB,
+    cache: Cache,
     path: PathBuf,
 }
 
@@ -41,8 +49,11 @@ fn backend(e: rocksdb::Error) -> EngineError {
     EngineError::Backend(e.into_string())
 }
 
-fn cf_options(cf: Cf) -> Options {
+fn cf_options(cf: Cf, cache: &Cache) -> Options {
     let mut o = Options::default();
+    // Without this each column family would get a block cache of its own, outside the node's budget.
+    let mut t = BlockBasedOptions::default();
+    t.set_block_cache(cache);
     match cf {
         Cf::Log => {
             // Every key starts with the group id: prefix bloom filters and seeks stay inside one group.
@@ -51,13 +62,12 @@ fn cf_options(cf: Cf) -> Options {
             o.set_target_file_size_base(128 << 20);
         }
         Cf::OffsetIdx | Cf::Kv => {
-            let mut t = BlockBasedOptions::default();
             t.set_bloom_filter(10.0, false);
-            o.set_block_based_table_factory(&t);
             o.set_compression_type(DBCompressionType::Lz4);
         }
         Cf::RaftMeta | Cf::SmMeta => {}
     }
+    o.set_block_based_table_factory(&t);
     o
 }
 
@@ -76,9 +86,10 @@ impl RocksEngine {
         opts.set_bytes_per_sync(1 << 20);
         // Memtable flushes of different column families must not reorder what a crash can leave behind.
         opts.set_atomic_flush(true);
-        let cfs = Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(*cf)));
+        let cache = Cache::new_lru_cache(config.block_cache_bytes);
+        let cfs = Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(*cf, &cache)));
         let db = DB::open_cf_descriptors(&opts, &path, cfs).map_err(backend)?;
-        Ok(Self { db, path })
+        Ok(Self { db, cache, path })
     }
 
     pub fn path(&self) -> &Path {
@@ -154,6 +165,15 @@ impl Engine for RocksEngine {
         }
         it.status().map_err(backend)?;
         Ok(None)
+    }
+
+    fn memory_usage(&self) -> EngineMemory {
+        let memtables = Cf::ALL
+            .iter()
+            .filter_map(|cf| self.db.cf_handle(cf.name()))
+            .filter_map(|h| self.db.property_int_value_cf(&h, "rocksdb.cur-size-all-mem-tables").ok().flatten())
+            .sum();
+        EngineMemory { memtables, block_cache: self.cache.get_usage() as u64 }
     }
 
     fn reclaim_range(&self, cf: Cf, from: &[u8], to: &[u8]) -> Result<(), EngineError> {
