@@ -19,11 +19,12 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use flotilla_raft_store::engine::{Engine, RocksConfig, RocksEngine};
 use flotilla_raft_store::keys::GroupId;
-use flotilla_raft_store::node::{Group, RaftNode, RaftTiming};
+use flotilla_raft_store::node::{Group, NodeOptions, RaftNode, RaftTiming};
 use flotilla_raft_store::state_machine::Mode;
 use flotilla_raft_store::types::{BasicNode, NodeId};
 
 use crate::controller::{self, CONTROLLER_GROUP, TopicRecord};
+use crate::memory::{MemoryPlan, ProduceMemory};
 use crate::proposer::Proposers;
 
 /// A broker's configuration.
@@ -39,6 +40,10 @@ pub struct BrokerConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Peers whose Raft traffic goes to another address than the initial cluster's (a proxy, a NAT).
     pub raft_peer_routes: BTreeMap<NodeId, String>,
+    /// How the memory budget is split (see [`crate::memory`]).
+    pub memory: MemoryPlan,
+    /// How often retention runs over the partitions hosted here.
+    pub retention_check_interval: Duration,
 }
 
 /// Parses `1=127.0.0.1:9401,2=127.0.0.1:9402`.
@@ -152,6 +157,8 @@ pub struct Broker {
     pub controller_writes: tokio::sync::Mutex<()>,
     /// Packs concurrent produce requests of each partition led here into one entry.
     pub proposers: Proposers,
+    /// The produce bytes accepted and not yet acknowledged.
+    pub produce_memory: ProduceMemory,
 }
 
 impl Broker {
@@ -159,14 +166,21 @@ impl Broker {
     pub async fn open(config: BrokerConfig) -> anyhow::Result<Arc<Broker>> {
         config.validate()?;
         check_data_dir(&config)?;
+        let rocks = RocksConfig {
+            write_buffer_bytes_max: config.memory.write_buffers,
+            block_cache_bytes: config.memory.block_cache,
+            ..RocksConfig::default()
+        };
         let engine: Arc<dyn Engine> = Arc::new(
-            RocksEngine::open(db_path(&config.data_dir), &RocksConfig::default())
+            RocksEngine::open(db_path(&config.data_dir), &rocks)
                 .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?,
         );
-        let routes = config.raft_peer_routes.iter().map(|(id, addr)| (*id, addr.clone())).collect();
-        let node = RaftNode::open_routed(config.node_id, engine, config.timing, routes)
-            .await
-            .context("cannot open raft groups")?;
+        let options = NodeOptions {
+            timing: config.timing,
+            routes: config.raft_peer_routes.iter().map(|(id, addr)| (*id, addr.clone())).collect(),
+            tail_cache_bytes: config.memory.tail_cache,
+        };
+        let node = RaftNode::open_with(config.node_id, engine, options).await.context("cannot open raft groups")?;
         let controller = node.create_group(CONTROLLER_GROUP, Mode::Kv).await.context("controller group")?;
         let first = config.initial_cluster.keys().next().copied();
         if first == Some(config.node_id) && !controller.is_initialized().await.context("controller state")? {
@@ -176,10 +190,11 @@ impl Broker {
             tracing::info!(node = config.node_id, "bootstrapped the controller group");
         }
         Ok(Arc::new(Broker {
-            config,
             node,
             controller_writes: tokio::sync::Mutex::new(()),
             proposers: Proposers::default(),
+            produce_memory: ProduceMemory::new(config.memory.produce_in_flight),
+            config,
         }))
     }
 
@@ -277,6 +292,8 @@ mod tests {
             timing: RaftTiming::default(),
             metrics_listen: None,
             raft_peer_routes: BTreeMap::new(),
+            memory: MemoryPlan::new(crate::memory::MEMORY_BUDGET_MIN).expect("plan"),
+            retention_check_interval: Duration::from_secs(30),
         }
     }
 

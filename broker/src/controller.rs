@@ -104,6 +104,26 @@ impl TopicRecord {
     pub fn max_message_bytes(&self) -> u64 {
         self.configs.get("max.message.bytes").and_then(|v| v.parse().ok()).unwrap_or(MAX_MESSAGE_BYTES_DEFAULT)
     }
+
+    /// `retention.ms` (default 7 days, as Kafka); `None` when unlimited (-1).
+    pub fn retention_ms(&self) -> Option<u64> {
+        self.limit("retention.ms", RETENTION_MS_DEFAULT)
+    }
+
+    /// `retention.bytes` per partition (default unlimited); `None` when unlimited (-1).
+    pub fn retention_bytes(&self) -> Option<u64> {
+        self.limit("retention.bytes", -1)
+    }
+
+    /// Whether `cleanup.policy` includes `delete` (the default), so retention removes old records.
+    pub fn cleanup_deletes(&self) -> bool {
+        self.configs.get("cleanup.policy").is_none_or(|p| p.split(',').any(|s| s.trim() == "delete"))
+    }
+
+    fn limit(&self, key: &str, default: i64) -> Option<u64> {
+        let v = self.configs.get(key).and_then(|v| v.parse::<i64>().ok()).unwrap_or(default);
+        u64::try_from(v).ok()
+    }
 }
 
 pub fn topic_key(name: &str) -> Bytes {
@@ -132,6 +152,9 @@ pub fn validate_topic_name(name: &str) -> Result<(), BrokerError> {
     }
     Ok(())
 }
+
+/// Kafka's default `retention.ms`: 7 days.
+pub const RETENTION_MS_DEFAULT: i64 = 7 * 24 * 3600 * 1000;
 
 fn config_error(key: &str, value: &str, why: &str) -> BrokerError {
     BrokerError::new(ErrorCode::InvalidConfig, format!("invalid config {key}={value}: {why}"))

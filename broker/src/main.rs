@@ -3,17 +3,19 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use flotilla_broker::broker::{BrokerConfig, parse_initial_cluster, parse_node_addrs};
+use flotilla_broker::memory::{MEMORY_BUDGET_DEFAULT, MemoryPlan, parse_bytes};
 use flotilla_raft_store::node::RaftTiming;
 
 #[derive(Parser, Debug)]
 #[command(name = "flotilla-broker", version, about = "A Flotilla broker node")]
 struct Args {
     /// A TOML file with any of: node_id, data_dir, listen, initial_cluster, log_format, metrics_listen,
-    /// raft_peer_routes.
+    /// raft_peer_routes, memory_budget, retention_check_interval_ms.
     #[arg(long, env = "FLOTILLA_CONFIG")]
     config: Option<PathBuf>,
     /// This node's id (>= 1, listed in --initial-cluster, never reused).
@@ -38,6 +40,13 @@ struct Args {
     /// request forwarding still use the initial cluster's addresses.
     #[arg(long, env = "FLOTILLA_RAFT_PEER_ROUTES")]
     raft_peer_routes: Option<String>,
+    /// Memory for memtables, caches and produce requests in flight, e.g. 512MiB or 2GiB (default 1GiB;
+    /// resident memory stays near it under sustained load).
+    #[arg(long, env = "FLOTILLA_MEMORY_BUDGET")]
+    memory_budget: Option<String>,
+    /// How often retention (retention.ms, retention.bytes) runs, in milliseconds (default 30000).
+    #[arg(long, env = "FLOTILLA_RETENTION_CHECK_INTERVAL_MS")]
+    retention_check_interval_ms: Option<u64>,
 }
 
 /// The `--config` file.
@@ -51,6 +60,8 @@ struct FileConfig {
     log_format: Option<String>,
     metrics_listen: Option<SocketAddr>,
     raft_peer_routes: Option<String>,
+    memory_budget: Option<String>,
+    retention_check_interval_ms: Option<u64>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,13 +74,7 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let log_format = args.log_format.or(file.log_format).unwrap_or_else(|| "text".into());
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
-    match log_format.as_str() {
-        "json" => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
-        "text" => tracing_subscriber::fmt().with_env_filter(filter).init(),
-        other => anyhow::bail!("log format {other:?} is neither text nor json"),
-    }
+    flotilla_broker::logging::init(&log_format)?;
     let missing = |what: &str| {
         format!("--{what} is required (or FLOTILLA_{}, or {what} in --config)", what.to_uppercase().replace('-', "_"))
     };
@@ -86,6 +91,17 @@ fn main() -> anyhow::Result<()> {
             Some(routes) => parse_node_addrs(&routes, "--raft-peer-routes")?,
             None => Default::default(),
         },
+        memory: MemoryPlan::new(match args.memory_budget.or(file.memory_budget) {
+            Some(size) => parse_bytes(&size).context("--memory-budget")?,
+            None => MEMORY_BUDGET_DEFAULT,
+        })?,
+        retention_check_interval: Duration::from_millis(
+            match args.retention_check_interval_ms.or(file.retention_check_interval_ms) {
+                Some(0) => anyhow::bail!("--retention-check-interval-ms must be positive"),
+                Some(ms) => ms,
+                None => 30_000,
+            },
+        ),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(flotilla_broker::server::run(config, shutdown_signal()))

@@ -38,6 +38,12 @@ pub async fn run_collector(broker: Arc<Broker>, mut stop: tokio::sync::watch::Re
         counter!("flotilla_storage_fsync_bytes_total").absolute(sync.bytes);
         gauge!("flotilla_storage_fsync_seconds_sum").set(sync.sync_nanos_total as f64 / 1e9);
         gauge!("flotilla_storage_fsync_seconds_max").set(sync.sync_nanos_max as f64 / 1e9);
+        let engine = broker.node.engine().memory_usage();
+        gauge!("flotilla_memory_budget_bytes").set(broker.config.memory.budget as f64);
+        gauge!("flotilla_memory_bytes", "use" => "memtables").set(engine.memtables as f64);
+        gauge!("flotilla_memory_bytes", "use" => "block_cache").set(engine.block_cache as f64);
+        gauge!("flotilla_memory_bytes", "use" => "tail_cache").set(broker.node.tail_budget().used() as f64);
+        gauge!("flotilla_memory_bytes", "use" => "produce_in_flight").set(broker.produce_memory.in_use() as f64);
         let mut leaderships = 0u32;
         for topic in broker.topics() {
             for (partition, p) in topic.partitions.iter().enumerate() {
@@ -52,6 +58,7 @@ pub async fn run_collector(broker: Arc<Broker>, mut stop: tokio::sync::watch::Re
                 let state = group.sm.partition_state();
                 gauge!("flotilla_partition_high_watermark", &labels).set(state.high_watermark as f64);
                 gauge!("flotilla_partition_log_start_offset", &labels).set(state.log_start_offset as f64);
+                gauge!("flotilla_partition_log_bytes", &labels).set(state.log_bytes as f64);
                 for (follower, behind) in group.replica_progress() {
                     if follower != me {
                         let mut l = labels.to_vec();

@@ -27,6 +27,7 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let reconciler = tokio::spawn(broker.clone().run_reconciler(stop_rx.clone()));
     let balancer = tokio::spawn(crate::balancer::run(broker.clone(), stop_rx.clone()));
+    let retention = tokio::spawn(crate::retention::run(broker.clone(), stop_rx.clone()));
     let collector = tokio::spawn(crate::metrics::run_collector(broker.clone(), stop_rx));
     let (server_stop_tx, server_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -45,6 +46,7 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
             let _ = reconciler.await;
             let _ = balancer.await;
             let _ = collector.await;
+            let _ = retention.await;
             // Stopping the groups first ends the Raft streams that keep peer connections open.
             broker.node.shutdown().await;
             let _ = server_stop_tx.send(());

@@ -121,7 +121,7 @@ fn record_outcome<T>(
     histogram!(format!("flotilla_{kind}_latency_seconds"), labels).record(started.elapsed().as_secs_f64());
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
@@ -235,6 +235,12 @@ impl FlotillaService {
                 format!("the batch for {what} is {size} bytes; max.message.bytes is {}", topic.max_message_bytes()),
             ));
         }
+        let Some(_reserved) = self.broker.produce_memory.reserve(size as usize, PRODUCE_TIMEOUT).await else {
+            return Err(BrokerError::new(
+                ErrorCode::Throttled,
+                format!("{what}: the broker's memory for produce requests in flight stayed full; nothing was written"),
+            ));
+        };
         let batch = record_batch::build(&records, ProducerInfo::NONE);
         let proposed = self.broker.proposers.propose(group, batch, u64::from(count));
         let base_offset = tokio::time::timeout(PRODUCE_TIMEOUT, proposed)
@@ -519,7 +525,9 @@ impl Flotilla for FlotillaService {
             )
         })?;
         let max_bytes = if req.max_bytes == 0 { FETCH_BYTES_DEFAULT } else { req.max_bytes.min(FETCH_BYTES_MAX) };
-        Ok(TonicResponse::new(Self::read_records(&group, req.offset, max_bytes)?))
+        // Replicas apply retention on their own; a read from below this one's log start begins at it.
+        let offset = req.offset.max(group.sm.partition_state().log_start_offset);
+        Ok(TonicResponse::new(Self::read_records(&group, offset, max_bytes)?))
     }
 
     async fn list_offsets(
