@@ -118,21 +118,21 @@ impl Report {
     }
 }
 
-fn new_histogram() -> Histogram<u64> {
+pub(crate) fn new_histogram() -> Histogram<u64> {
     // 1 µs to 60 s, 3 significant digits.
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant histogram bounds are valid")
 }
 
 /// Counters shared by a benchmark's tasks.
-struct Tally {
+pub(crate) struct Tally {
     histogram: Mutex<Histogram<u64>>,
-    records: AtomicU64,
-    bytes: AtomicU64,
-    errors: AtomicU64,
+    pub(crate) records: AtomicU64,
+    pub(crate) bytes: AtomicU64,
+    pub(crate) errors: AtomicU64,
 }
 
 impl Tally {
-    fn new() -> Arc<Self> {
+    pub(crate) fn new() -> Arc<Self> {
         Arc::new(Self {
             histogram: Mutex::new(new_histogram()),
             records: AtomicU64::new(0),
@@ -141,14 +141,14 @@ impl Tally {
         })
     }
 
-    fn latency(&self, d: Duration) {
+    pub(crate) fn latency(&self, d: Duration) {
         if let Ok(mut h) = self.histogram.lock() {
             let _ = h.record((d.as_micros() as u64).clamp(1, 60_000_000));
         }
     }
 
     /// Prints a progress line every second to stderr until aborted.
-    fn progress(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+    pub(crate) fn progress(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let tally = self.clone();
         tokio::spawn(async move {
             let mut last = 0;
@@ -167,7 +167,7 @@ impl Tally {
         })
     }
 
-    fn report(&self, seconds: f64, latency_of: &'static str, servers: Option<ServerUsage>) -> Report {
+    pub(crate) fn report(&self, seconds: f64, latency_of: &'static str, servers: Option<ServerUsage>) -> Report {
         let records = self.records.load(Ordering::Relaxed);
         let h = self.histogram.lock().map(|h| h.clone()).unwrap_or_else(|_| new_histogram());
         let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
@@ -621,9 +621,12 @@ pub enum Scenario {
     Produce { bench: ProduceBench, leader_routing: bool },
     /// Fill a topic with a batching producer for `fill`, then read it all back (B8).
     CatchUp { fill: ProduceBench, read: ConsumeBench },
+    /// B10: B6's load on a private cluster whose partition leader is killed and restarted
+    /// ([`crate::failover`]).
+    Failover,
 }
 
-/// The shape of scenario `id` (B1-B8) on `topic`, measuring for `duration` after `warmup`.
+/// The shape of scenario `id` (B1-B8, B10) on `topic`, measuring for `duration` after `warmup`.
 pub fn scenario(
     id: &str,
     topic: &str,
@@ -693,10 +696,11 @@ pub fn scenario(
             },
         ),
         "B9" => anyhow::bail!("B9 needs consumer groups with committed offsets, which do not exist yet"),
-        "B10" => {
-            anyhow::bail!("B10 (failover under load) is measured by the failover harness, not yet by flotilla bench")
-        }
-        other => anyhow::bail!("unknown scenario {other:?}; known: B1-B8, B2-batch (B9 and B10 are not built yet)"),
+        "B10" => (
+            "failover under B6 load (10,000 msgs/s): the leader killed, then restarted; a private 3-node cluster",
+            Scenario::Failover,
+        ),
+        other => anyhow::bail!("unknown scenario {other:?}; known: B1-B8, B2-batch, B10 (B9 needs consumer groups)"),
     })
 }
 

@@ -4,9 +4,12 @@
 //! # Layout
 //! - [`client`]: the `Client` type.
 //! - [`bench`]: the load generators behind `flotilla bench`.
-//! - [`broker_binary`]: where the `flotilla-broker` binary is, for `flotilla dev` and the harness.
+//! - [`failover`]: B10, failover under load on a private cluster it starts and kills.
+//! - [`broker_binary`]: where the `flotilla-broker` binary is, for `flotilla dev` and the harness;
+//!   [`spawn_broker`] starts one node of a local cluster with it.
 pub mod bench;
 pub mod client;
+pub mod failover;
 
 /// The `flotilla-broker` binary: beside the running executable (as Cargo and the image place it), else on
 /// `PATH`.
@@ -26,4 +29,33 @@ pub fn broker_binary() -> anyhow::Result<std::path::PathBuf> {
         }
     }
     anyhow::bail!("flotilla-broker was not found next to {} or on PATH", exe.display())
+}
+
+/// Starts node `id` of a local cluster from the `broker` binary: data in `data_dir/node-ID`, listening on
+/// `listen`, output appended to `log`. The process is killed if its handle is dropped. For `flotilla dev`
+/// and B10.
+pub fn spawn_broker(
+    broker: &std::path::Path,
+    id: u64,
+    data_dir: &std::path::Path,
+    listen: &str,
+    initial_cluster: &str,
+    log: std::fs::File,
+) -> anyhow::Result<tokio::process::Child> {
+    use anyhow::Context;
+    tokio::process::Command::new(broker)
+        .arg("--node-id")
+        .arg(id.to_string())
+        .arg("--data-dir")
+        .arg(data_dir.join(format!("node-{id}")))
+        .arg("--listen")
+        .arg(listen)
+        .arg("--initial-cluster")
+        .arg(initial_cluster)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", broker.display()))
 }

@@ -2,7 +2,6 @@
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -414,25 +413,9 @@ async fn dev(nodes: u64, data_dir: &Path, base_port: u16) -> anyhow::Result<()> 
     let mut children = Vec::new();
     for (i, addr) in addrs.iter().enumerate() {
         let id = i as u64 + 1;
-        let dir = data_dir.join(format!("node-{id}"));
         std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
         let log = std::fs::File::create(data_dir.join(format!("node-{id}.log")))?;
-        let child = tokio::process::Command::new(&broker)
-            .arg("--node-id")
-            .arg(id.to_string())
-            .arg("--data-dir")
-            .arg(&dir)
-            .arg("--listen")
-            .arg(addr)
-            .arg("--initial-cluster")
-            .arg(initial.join(","))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start {}", broker.display()))?;
-        children.push(child);
+        children.push(flotilla_cli::spawn_broker(&broker, id, data_dir, addr, &initial.join(","), log)?);
     }
     let pids: Vec<String> = children.iter().filter_map(|c| c.id()).map(|p| p.to_string()).collect();
     let pids_file = data_dir.join(flotilla_cli::bench::DEV_PIDS_FILE);
@@ -490,13 +473,24 @@ async fn bench_scenario(
     let servers = Brokers::from_dev_dir(dev_data_dir);
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let mut reports = Vec::new();
-    let mut title = "";
+    let mut title = String::new();
+    let mut failovers = Vec::new();
     for run in 1..=runs {
         let topic = format!("bench-{}-{stamp}-{run}", id.to_ascii_lowercase());
         let (t, shape) = bench::scenario(id, &topic, Duration::from_secs(duration), Duration::from_secs(warmup))?;
-        title = t;
+        title = t.to_owned();
         let admin = Client::new(bootstrap.clone());
         let report = match shape {
+            Scenario::Failover => {
+                let f = flotilla_cli::failover::run(Duration::from_secs(duration), Duration::from_secs(warmup)).await?;
+                match output {
+                    Output::Json => println!("{}", f.json()),
+                    Output::Table => println!("{id} run {run}: {}", f.line()),
+                }
+                failovers.push((f.unavailable_ms, f.p999_after_kill_ms, f.lost));
+                reports.push(f.load);
+                continue;
+            }
             Scenario::Produce { bench, leader_routing } => {
                 let client = std::sync::Arc::new(Client::new(bootstrap.clone()).with_leader_routing(leader_routing));
                 bench::produce(client, bench, servers.as_ref()).await?
@@ -517,8 +511,19 @@ async fn bench_scenario(
             eprintln!("could not delete {topic}: {e}");
         }
     }
+    if !failovers.is_empty() {
+        let col = |f: &dyn Fn(&(f64, f64, u64)) -> f64, digits| {
+            bench::range(&failovers.iter().map(f).collect::<Vec<_>>(), digits)
+        };
+        title = format!(
+            "{title}; no ack for {} ms, p99.9 after the kill {} ms, {} acknowledged records lost",
+            col(&|f| f.0, 0),
+            col(&|f| f.1, 1),
+            failovers.iter().map(|f| f.2).sum::<u64>()
+        );
+    }
     if output == Output::Table {
-        println!("{}", bench::markdown_row(&id.to_ascii_uppercase(), title, &reports));
+        println!("{}", bench::markdown_row(&id.to_ascii_uppercase(), &title, &reports));
     }
     Ok(())
 }

@@ -64,6 +64,7 @@ impl TestCluster {
             .arg(self.dir.path().join(format!("node-{id}")))
             .args(["--listen", &self.addrs[&id], "--initial-cluster", &self.initial_cluster()])
             .args(["--metrics-listen", &self.metrics[&id]])
+            .args(["--retention-check-interval-ms", "200"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -629,4 +630,68 @@ async fn consume_into_a_closed_pipe_stops_quietly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+fn sized(value_bytes: usize, i: usize, timestamp_ms: i64) -> pb::Record {
+    let mut value = format!("v{i:04}-").into_bytes();
+    value.resize(value_bytes, b'.');
+    pb::Record { key: None, value: Some(Bytes::from(value)), headers: vec![], timestamp_ms }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_by_time_and_by_size_moves_the_log_start_on_every_replica_and_keeps_offsets() {
+    let cluster = TestCluster::start(3);
+    cluster.wait_ready().await;
+    let client = cluster.client();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64;
+    let config = |k: &str, v: &str| vec![(k.to_owned(), v.to_owned())];
+
+    // By time: ten records stamped an hour ago, then five fresh ones, under a half-hour retention.
+    client.create_topic("aged", 1, 3, config("retention.ms", "1800000")).await.expect("create aged");
+    for i in 0..10 {
+        client.produce("aged", Some(0), vec![sized(100, i, now - 3_600_000)]).await.expect("old record");
+    }
+    for i in 10..15 {
+        client.produce("aged", Some(0), vec![sized(100, i, 0)]).await.expect("fresh record");
+    }
+    // By size: twenty entries of 570-600 bytes under a 3,000-byte limit: as in Kafka, the oldest go while
+    // the log stays at or above the limit, so five or six stay.
+    client.create_topic("sized", 1, 3, config("retention.bytes", "3000")).await.expect("create sized");
+    for i in 0..20 {
+        client.produce("sized", Some(0), vec![sized(500, i, 0)]).await.expect("sized record");
+    }
+
+    let start_of = async |topic: &str| {
+        let info = client.describe_topic(topic).await.expect("describe");
+        (info.partitions[0].log_start_offset, info.partitions[0].high_watermark)
+    };
+    wait_for("the expired records to go", async || start_of("aged").await.0 == 10).await;
+    wait_for("the log to shrink to its size limit", async || start_of("sized").await.0 >= 14).await;
+    let (start, hw) = start_of("sized").await;
+    assert_eq!(hw, 20);
+    assert!((14..=15).contains(&start), "at least 3,000 bytes of 570-600-byte batches stay; the log starts at {start}");
+
+    // What remains reads back at its own offsets; reading below the start is refused.
+    for (topic, start, first_value) in [("aged", 10, "v0010-"), ("sized", start, &*format!("v{start:04}-"))] {
+        let resp = client.fetch(topic, 0, start, 1 << 20, 0).await.expect("fetch from the start");
+        assert_eq!(resp.log_start_offset, start);
+        assert_eq!(resp.records.first().map(|r| r.offset), Some(start));
+        let value = resp.records.first().and_then(|r| r.value.clone()).unwrap_or_default();
+        assert!(value.starts_with(first_value.as_bytes()), "{topic}: first value {value:?}");
+        let err = client.fetch(topic, 0, 0, 1 << 20, 0).await.expect_err("below the log start");
+        assert_eq!(err.code, pb::ErrorCode::OffsetOutOfRange, "{err}");
+    }
+    // Every replica cut its own copy; a replica read from 0 starts at the replica's log start.
+    for addr in cluster.addrs.values() {
+        wait_for("each replica to cut its copy", async || {
+            client
+                .read_replica(addr, "aged", 0, 0, 1 << 20)
+                .await
+                .is_ok_and(|r| r.log_start_offset == 10 && r.records.first().is_some_and(|rec| rec.offset == 10))
+        })
+        .await;
+    }
+    // Offsets go on from the high watermark.
+    let ack = client.produce("sized", Some(0), vec![sized(500, 20, 0)]).await.expect("produce after the cut");
+    assert_eq!(ack.base_offset, 20);
 }
