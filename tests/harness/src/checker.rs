@@ -45,6 +45,8 @@ pub struct Checked {
     pub unseen: u64,
     /// Values of `info` sends found at more than one offset (allowed without idempotent produce).
     pub info_duplicates: u64,
+    /// Acknowledged values below the final read's log start: removed by retention, not lost.
+    pub expired: u64,
     pub sends_ok: u64,
     pub sends_fail: u64,
     pub sends_info: u64,
@@ -137,11 +139,17 @@ pub fn check(h: &History) -> Checked {
         }
     }
 
-    // I1: an acknowledged value that a read should have covered but none contained.
-    let mut unseen = 0;
+    // I1: an acknowledged value that a read should have covered but none contained. Offsets below the
+    // log start of the key's final read were removed by retention.
+    let final_start: HashMap<&str, u64> = h.final_reads.iter().map(|r| (r.key.as_str(), r.start)).collect();
+    let (mut unseen, mut expired) = (0, 0);
     for s in &h.sends {
         let (Outcome::Ok, Some(o)) = (s.outcome, s.offset) else { continue };
         if seen.get(&s.key[..]).is_some_and(|v| v.contains(&s.value)) {
+            continue;
+        }
+        if final_start.get(&s.key[..]).is_some_and(|start| o < *start) {
+            expired += 1;
             continue;
         }
         if max_read.get(&s.key[..]).is_some_and(|m| *m >= o) {
@@ -227,9 +235,9 @@ pub fn check(h: &History) -> Checked {
         }
     }
 
-    // I7 for the final reads: each reads its key from offset 0 with no gap.
+    // I7 for the final reads: each reads its key from its log start with no gap.
     for r in &h.final_reads {
-        if let Some((expect, o)) = r.records.iter().map(|(o, _)| *o).enumerate().find(|(i, o)| *i as u64 != *o) {
+        if let Some((expect, o)) = (r.start..).zip(r.records.iter().map(|(o, _)| *o)).find(|(e, o)| e != o) {
             counts.flag("I7", || format!("{}: the final read expected offset {expect} and got {o}", r.key));
         }
     }
@@ -244,12 +252,13 @@ pub fn check(h: &History) -> Checked {
         let mut diverged = None;
         for r in &reads {
             let node = r.node.unwrap_or(0);
-            let end = r.records.last().map_or(0, |(o, _)| o + 1);
-            if r.records.first().is_some_and(|(o, _)| *o != 0) || end < r.expected_end {
+            let end = r.records.last().map_or(r.start, |(o, _)| o + 1);
+            if r.records.first().is_some_and(|(o, _)| *o != r.start) || end < r.expected_end {
                 diverged.get_or_insert_with(|| {
                     format!(
-                        "{key}: node {node}'s replica holds offsets {:?}..{end} after the convergence wait, not 0..{}",
+                        "{key}: node {node}'s replica holds offsets {:?}..{end} after the convergence wait, not {}..{}",
                         r.records.first().map(|(o, _)| *o),
+                        r.start,
                         r.expected_end
                     )
                 });
@@ -336,6 +345,7 @@ pub fn check(h: &History) -> Checked {
     Checked {
         anomalies,
         unseen,
+        expired,
         info_duplicates,
         sends_ok: count(Outcome::Ok),
         sends_fail: count(Outcome::Fail),

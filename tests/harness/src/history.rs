@@ -31,6 +31,9 @@ pub struct SendOp {
     pub outcome: Outcome,
     /// The acknowledged offset (only for `Ok`).
     pub offset: Option<u64>,
+    /// Sent with a deliberately short deadline (S18's client faults): not counted for availability.
+    #[serde(default)]
+    pub cut_short: bool,
     pub start: f64,
     pub end: f64,
 }
@@ -50,12 +53,15 @@ pub struct Poll {
     pub end: f64,
 }
 
-/// A complete read of one key from offset 0 (the final read) or of one node's replica of it.
+/// A complete read of one key from its log start (the final read) or of one node's replica of it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Read {
     pub key: String,
     /// For a replica read, the node read; for a final read, None.
     pub node: Option<u64>,
+    /// The log start offset the read began at: 0 unless retention removed the records before it.
+    #[serde(default)]
+    pub start: u64,
     pub records: Vec<(u64, u64)>,
     /// The offset the read should have reached: one past the highest acknowledged offset of the key.
     pub expected_end: u64,

@@ -2,6 +2,7 @@
 //! checker for the invariants of FAILOVER.md. See `flotilla-harness --help`.
 
 pub mod checker;
+pub mod compose;
 pub mod history;
 pub mod local;
 pub mod nemesis;
@@ -10,3 +11,4 @@ pub mod report;
 pub mod run;
 pub mod scenario;
 pub mod selftest;
+pub mod target;

@@ -16,6 +16,7 @@ use anyhow::{Context, bail};
 
 use crate::history::NodeLogLine;
 use crate::proxy::Proxy;
+use crate::target::{Target, panics_in};
 
 pub struct Node {
     pub id: u64,
@@ -100,28 +101,26 @@ impl LocalCluster {
         Ok(cluster)
     }
 
-    pub fn bootstrap(&self) -> Vec<String> {
-        self.nodes.values().map(|n| n.addr.to_string()).collect()
-    }
-
-    pub fn ids(&self) -> Vec<u64> {
-        self.nodes.keys().copied().collect()
-    }
-
-    pub fn addr(&self, id: u64) -> Option<String> {
-        self.nodes.get(&id).map(|n| n.addr.to_string())
-    }
-
-    pub fn is_running(&self, id: u64) -> bool {
-        self.nodes.get(&id).is_some_and(|n| n.child.is_some())
-    }
-
     fn node(&mut self, id: u64) -> anyhow::Result<&mut Node> {
         self.nodes.get_mut(&id).with_context(|| format!("no node {id}"))
     }
+}
+
+impl Target for LocalCluster {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn ids(&self) -> Vec<u64> {
+        self.nodes.keys().copied().collect()
+    }
+
+    fn addr(&self, id: u64) -> Option<String> {
+        self.nodes.get(&id).map(|n| n.addr.to_string())
+    }
 
     /// Starts a node that is not running (its data kept).
-    pub fn start_node(&mut self, id: u64) -> anyhow::Result<()> {
+    fn start_node(&mut self, id: u64) -> anyhow::Result<()> {
         let broker = self.broker.clone();
         let cluster = self.initial_cluster.clone();
         let node = self.node(id)?;
@@ -150,6 +149,8 @@ impl LocalCluster {
             .arg(&cluster)
             .arg("--raft-peer-routes")
             .arg(&node.routes)
+            // Scenarios with retention (S17) want cuts often; without retention configs a pass is cheap.
+            .args(["--retention-check-interval-ms", "1000"])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -161,7 +162,7 @@ impl LocalCluster {
     }
 
     /// kill -9.
-    pub fn kill(&mut self, id: u64) -> anyhow::Result<()> {
+    fn kill(&mut self, id: u64) -> anyhow::Result<()> {
         let node = self.node(id)?;
         if let Some(mut child) = node.child.take() {
             child.kill()?;
@@ -172,7 +173,7 @@ impl LocalCluster {
     }
 
     /// SIGTERM, then kill -9 if the node has not stopped within `grace`.
-    pub fn terminate(&mut self, id: u64, grace: Duration) -> anyhow::Result<()> {
+    fn terminate(&mut self, id: u64, grace: Duration) -> anyhow::Result<()> {
         let node = self.node(id)?;
         let Some(mut child) = node.child.take() else { return Ok(()) };
         if node.paused {
@@ -193,7 +194,7 @@ impl LocalCluster {
     }
 
     /// SIGSTOP (true) or SIGCONT (false).
-    pub fn set_paused(&mut self, id: u64, paused: bool) -> anyhow::Result<()> {
+    fn set_paused(&mut self, id: u64, paused: bool) -> anyhow::Result<()> {
         let node = self.node(id)?;
         if let Some(child) = &node.child
             && node.paused != paused
@@ -205,14 +206,15 @@ impl LocalCluster {
     }
 
     /// Cuts or heals the Raft link `from` -> `to`.
-    pub fn set_cut(&self, from: u64, to: u64, cut: bool) {
+    fn set_cut(&mut self, from: u64, to: u64, cut: bool) -> anyhow::Result<()> {
         if let Some(p) = self.proxies.get(&(from, to)) {
             p.set_cut(cut);
         }
+        Ok(())
     }
 
     /// Heals every link, continues every paused node and starts every stopped one.
-    pub fn heal_all(&mut self) -> anyhow::Result<()> {
+    fn heal_all(&mut self) -> anyhow::Result<()> {
         for p in self.proxies.values() {
             p.set_cut(false);
         }
@@ -224,22 +226,18 @@ impl LocalCluster {
     }
 
     /// Stops every node (continued first if paused): SIGTERM, then kill -9 after a grace period.
-    pub fn stop_all(&mut self) {
+    fn stop_all(&mut self) {
         for id in self.ids() {
             let _ = self.terminate(id, Duration::from_secs(5));
         }
     }
 
     /// Lines of the node logs that report a panic or a failed assertion, and nodes that exited on their own.
-    pub fn panic_lines(&self) -> Vec<NodeLogLine> {
+    fn panic_lines(&self) -> Vec<NodeLogLine> {
         let mut out = self.unexpected_exits.clone();
         for node in self.nodes.values() {
             let Ok(text) = std::fs::read_to_string(&node.log) else { continue };
-            for line in text.lines() {
-                if line.contains("panicked at") || line.contains("assertion failed") {
-                    out.push(NodeLogLine { node: node.id, line: line.chars().take(400).collect() });
-                }
-            }
+            out.extend(panics_in(node.id, &text));
         }
         out
     }

@@ -1,4 +1,5 @@
-//! `flotilla-harness`: runs failover scenarios against a local cluster and checks what it saw.
+//! `flotilla-harness`: runs failover scenarios against a local or docker-compose cluster and checks what it
+//! saw.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use flotilla_harness::nemesis::FaultKind;
-use flotilla_harness::run::{RunConfig, run};
+use flotilla_harness::run::{RunConfig, TargetKind, run};
 use flotilla_harness::{report, scenario, selftest};
 
 #[derive(Parser)]
@@ -29,10 +30,12 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// S1-S6, S16, S19, S20.
+    /// S1-S6, S16-S20.
     #[arg(long)]
     scenario: String,
-    /// Where the cluster runs: `local` (broker processes on 127.0.0.x).
+    /// Where the cluster runs: `local` (broker processes on 127.0.0.x) or `compose` (the `flotilla` image
+    /// under docker-compose on a private network; build it first with
+    /// `FLOTILLA_IMAGE_PROFILE=dev deploy/build-image.sh`).
     #[arg(long, default_value = "local")]
     target: String,
     /// Length of the main phase, e.g. 300s, 5m or 300.
@@ -136,9 +139,11 @@ fn real_main() -> anyhow::Result<bool> {
         }
         Command::Run(args) => {
             let args = *args;
-            if args.target != "local" {
-                bail!("target {:?} is not supported yet; use --target local", args.target);
-            }
+            let target = match args.target.as_str() {
+                "local" => TargetKind::Local,
+                "compose" => TargetKind::Compose,
+                other => bail!("unknown target {other:?}; use local or compose"),
+            };
             let scenario = scenario::find(&args.scenario)?;
             let faults: Vec<FaultKind> = match &args.faults {
                 Some(names) => names.iter().map(|n| n.parse()).collect::<anyhow::Result<_>>()?,
@@ -171,6 +176,7 @@ fn real_main() -> anyhow::Result<bool> {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let config = RunConfig {
                 scenario,
+                target,
                 faults,
                 seed,
                 duration: parse_duration(&args.duration)?,

@@ -1,4 +1,4 @@
-//! The nemesis: a fault schedule drawn from the seed, and the faults themselves on a [`LocalCluster`].
+//! The nemesis: a fault schedule drawn from the seed, and the faults themselves on a [`Target`].
 //!
 //! Faults run one at a time: inject, hold, heal, then a quiet gap (exponential, mean `interval`). Kinds are
 //! drawn round-robin from a seeded shuffle, so a run long enough for one fault of each kind fires every
@@ -16,7 +16,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::local::LocalCluster;
+use crate::target::Target;
 
 /// A kind of fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -154,7 +154,7 @@ fn describe(nodes: &[u64]) -> String {
 /// Injects `p` into the cluster. `leaderships` is each node's partition leadership count right now;
 /// `bounces` counts earlier bounces (the first five use SIGTERM).
 pub fn inject(
-    cluster: &mut LocalCluster,
+    cluster: &mut dyn Target,
     p: &Planned,
     leaderships: &BTreeMap<u64, u32>,
     bounces: usize,
@@ -241,7 +241,7 @@ pub fn inject(
                 }
             };
             for &(from, to) in &links {
-                cluster.set_cut(from, to, true);
+                cluster.set_cut(from, to, true)?;
             }
             let shown: Vec<String> = links.iter().map(|(a, b)| format!("{a}->{b}")).collect();
             Injected {
@@ -277,14 +277,11 @@ fn ring(order: &[u64]) -> Vec<(u64, u64)> {
 }
 
 /// Undoes an injected fault.
-pub fn heal(cluster: &mut LocalCluster, heal: &Heal) -> anyhow::Result<()> {
+pub fn heal(cluster: &mut dyn Target, heal: &Heal) -> anyhow::Result<()> {
     match heal {
         Heal::Restart(ids) => ids.iter().try_for_each(|id| cluster.start_node(*id)),
         Heal::Resume(ids) => ids.iter().try_for_each(|id| cluster.set_paused(*id, false)),
-        Heal::Reconnect(links) => {
-            links.iter().for_each(|(a, b)| cluster.set_cut(*a, *b, false));
-            Ok(())
-        }
+        Heal::Reconnect(links) => links.iter().try_for_each(|(a, b)| cluster.set_cut(*a, *b, false)),
     }
 }
 

@@ -38,6 +38,9 @@ pub fn summary(r: &RunReport) -> String {
         "  duplicates of unknown (info) sends: {} (allowed without idempotent produce)",
         c.info_duplicates
     );
+    if c.expired > 0 {
+        let _ = writeln!(out, "  acknowledged values removed by retention before the final read: {}", c.expired);
+    }
     let _ = writeln!(out, "gates:");
     for g in &r.gates {
         let _ = writeln!(out, "  {:<22} {}  {}", g.name, if g.passed { "PASS" } else { "FAIL" }, g.detail);

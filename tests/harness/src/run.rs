@@ -15,10 +15,12 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::checker::{self, Checked};
+use crate::compose::ComposeCluster;
 use crate::history::{self, History, OffsetsRead, Outcome, Poll, Read, SendOp};
 use crate::local::LocalCluster;
 use crate::nemesis::{self, FaultKind, Planned};
 use crate::scenario::Scenario;
+use crate::target::Target;
 
 /// How long one operation may take before it counts as unknown.
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -37,8 +39,16 @@ const SETUP_LIMIT: Duration = Duration::from_secs(90);
 /// Replicas get this long after the final reads to converge before they are compared.
 const CONVERGE_LIMIT: Duration = Duration::from_secs(30);
 
+/// Where the cluster runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetKind {
+    Local,
+    Compose,
+}
+
 pub struct RunConfig {
     pub scenario: &'static Scenario,
+    pub target: TargetKind,
     pub faults: Vec<FaultKind>,
     pub seed: u64,
     pub duration: f64,
@@ -112,6 +122,7 @@ pub fn classify(code: ErrorCode) -> Outcome {
         ErrorCode::NotLeader
         | ErrorCode::LeaderNotAvailable
         | ErrorCode::ClusterNotReady
+        | ErrorCode::Throttled
         | ErrorCode::UnknownTopic
         | ErrorCode::UnknownPartition
         | ErrorCode::InvalidTopicName
@@ -159,18 +170,26 @@ impl Shared {
 
     /// Sends one fresh value to `key` and records the outcome.
     async fn send(&self, client: &Client, process: u64, key: &str) -> SendOp {
+        self.send_within(client, process, key, OP_TIMEOUT).await
+    }
+
+    /// [`Shared::send`], giving up (and dropping the request mid-flight) after `timeout`; a timeout below
+    /// [`OP_TIMEOUT`] marks the send as deliberately cut short.
+    async fn send_within(&self, client: &Client, process: u64, key: &str, timeout: Duration) -> SendOp {
         let value = self.next_value.fetch_add(1, Ordering::Relaxed);
         let (topic, partition) = history::split_key(key).unwrap_or((key, 0));
         let record =
             pb::Record { key: None, value: Some(Bytes::from(value.to_string())), headers: vec![], timestamp_ms: 0 };
         let start = self.clock.now();
-        let result = tokio::time::timeout(OP_TIMEOUT, client.produce(topic, Some(partition), vec![record])).await;
+        let result = tokio::time::timeout(timeout, client.produce(topic, Some(partition), vec![record])).await;
         let (outcome, offset) = match result {
             Err(_) => (Outcome::Info, None),
             Ok(Ok(ack)) => (Outcome::Ok, Some(ack.base_offset)),
             Ok(Err(e)) => (classify(e.code), None),
         };
-        let send = SendOp { process, key: key.to_owned(), value, outcome, offset, start, end: self.clock.now() };
+        let cut_short = timeout < OP_TIMEOUT;
+        let send =
+            SendOp { process, key: key.to_owned(), value, outcome, offset, cut_short, start, end: self.clock.now() };
         self.history.lock().unwrap_or_else(|p| p.into_inner()).sends.push(send.clone());
         send
     }
@@ -193,7 +212,7 @@ async fn create_generation(
             }
             let created = tokio::time::timeout(
                 Duration::from_secs(15),
-                client.create_topic(&name, config.partitions, config.replication_factor, vec![]),
+                client.create_topic(&name, config.partitions, config.replication_factor, topic_configs(config)),
             )
             .await;
             match created {
@@ -222,6 +241,17 @@ async fn create_generation(
     Some(keys)
 }
 
+/// The scenario's topic configs (S17's small retention.bytes).
+fn topic_configs(config: &RunConfig) -> Vec<(String, String)> {
+    config.scenario.topic_configs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+}
+
+/// The first offset retention kept, as the partition leader reports it.
+async fn log_start(client: &Client, topic: &str, partition: u32) -> Option<u64> {
+    let listed = tokio::time::timeout(OP_TIMEOUT, client.list_offsets(topic, partition, pb::OffsetSpec::Earliest, 0));
+    listed.await.ok()?.ok()
+}
+
 async fn rotate(shared: Arc<Shared>, config: Arc<RunConfig>) {
     let generation = shared.generation.load(Ordering::Relaxed) + 1;
     if let Some(keys) = create_generation(&shared.client, &shared.stop, &config, generation).await {
@@ -233,15 +263,27 @@ async fn rotate(shared: Arc<Shared>, config: Arc<RunConfig>) {
     shared.rotating.store(false, Ordering::Relaxed);
 }
 
-async fn writer(shared: Arc<Shared>, config: Arc<RunConfig>, process: u64) {
+/// A writer: fresh values to random keys of the current generation at its share of the rate. With client
+/// faults (S18) a fifth of its sends get a 1-30 ms deadline, so many are cut off mid-request, and after
+/// each of those the writer "crashes": it drops its client and its connections and starts a new one.
+async fn writer(shared: Arc<Shared>, config: Arc<RunConfig>, bootstrap: Vec<String>, process: u64) {
     let mut rng = StdRng::seed_from_u64(shared.seed ^ (process << 32));
     let period = Duration::from_secs_f64(config.writers as f64 / config.rate);
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let new_client = || Client::new(bootstrap.clone()).with_deadline(RETRY_WINDOW);
+    let mut client = new_client();
     while !shared.stopped() {
         tick.tick().await;
         let Some(key) = shared.pick(&mut rng, false) else { continue };
-        shared.send(&shared.client, process, &key).await;
+        if config.scenario.client_faults && rng.random_bool(0.2) {
+            let deadline = Duration::from_millis(rng.random_range(1..=30));
+            if shared.send_within(&client, process, &key, deadline).await.outcome == Outcome::Info {
+                client = new_client();
+            }
+        } else {
+            shared.send(&client, process, &key).await;
+        }
         let keys = shared.current.read().unwrap_or_else(|p| p.into_inner()).len() as u64;
         let sent = shared.sends_this_generation.fetch_add(1, Ordering::Relaxed) + 1;
         if sent >= config.rotate_after * keys && !shared.rotating.swap(true, Ordering::Relaxed) {
@@ -282,10 +324,29 @@ async fn consumer(shared: Arc<Shared>, bootstrap: Vec<String>, id: u64) {
         let (topic, partition) = history::split_key(&key).unwrap_or((key.as_str(), 0));
         let start = shared.clock.now();
         let fetched = tokio::time::timeout(OP_TIMEOUT, client.fetch(topic, partition, position, 64 * 1024, 100)).await;
-        let Ok(Ok(resp)) = fetched else {
-            positions.insert(key.clone(), position);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
+        let resp = match fetched {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) if e.code == ErrorCode::OffsetOutOfRange => {
+                // Below the log start, retention removed the position: start over from the earliest offset
+                // kept, as a consumer with auto.offset.reset=earliest does. Above the high watermark (a new
+                // leader still catching up) keep the position and retry.
+                match log_start(&client, topic, partition).await {
+                    Some(start) if position < start => {
+                        positions.insert(key.clone(), start);
+                        reset.insert(key.clone());
+                    }
+                    _ => {
+                        positions.insert(key.clone(), position);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                continue;
+            }
+            _ => {
+                positions.insert(key.clone(), position);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
         };
         let records: Vec<(u64, u64)> =
             resp.records.iter().map(|r| (r.offset, history::parse_value(r.value.as_deref()))).collect();
@@ -334,7 +395,7 @@ async fn leaderships(client: &Client) -> BTreeMap<u64, u32> {
 
 /// Runs the schedule; returns the faults as they happened, and the error that stopped it early, if any.
 async fn run_nemesis(
-    cluster: Arc<Mutex<LocalCluster>>,
+    cluster: Arc<Mutex<Box<dyn Target>>>,
     shared: Arc<Shared>,
     schedule: Vec<Planned>,
 ) -> (Vec<FaultEvent>, Option<String>) {
@@ -344,7 +405,7 @@ async fn run_nemesis(
 }
 
 async fn nemesis_steps(
-    cluster: &Mutex<LocalCluster>,
+    cluster: &Mutex<Box<dyn Target>>,
     shared: &Shared,
     schedule: Vec<Planned>,
     events: &mut Vec<FaultEvent>,
@@ -359,13 +420,13 @@ async fn nemesis_steps(
         let start = shared.clock.now();
         let injected = tokio::task::block_in_place(|| {
             let mut c = cluster.lock().unwrap_or_else(|p| p.into_inner());
-            nemesis::inject(&mut c, &planned, &leaders, bounces)
+            nemesis::inject(c.as_mut(), &planned, &leaders, bounces)
         })?;
         println!("[{start:7.1}s] {}: {}", planned.kind, injected.description);
         tokio::time::sleep(Duration::from_secs_f64(planned.hold)).await;
         tokio::task::block_in_place(|| {
             let mut c = cluster.lock().unwrap_or_else(|p| p.into_inner());
-            nemesis::heal(&mut c, &injected.heal)
+            nemesis::heal(c.as_mut(), &injected.heal)
         })?;
         let end = shared.clock.now();
         println!("[{end:7.1}s] healed {}", planned.kind);
@@ -392,6 +453,7 @@ async fn recover_key(shared: &Shared, client: &Client, key: &str, deadline: Inst
     };
     let (topic, partition) = history::split_key(key).unwrap_or((key, 0));
     let mut records = Vec::new();
+    let mut start = 0;
     let mut next = 0;
     while next < target {
         if Instant::now() > deadline {
@@ -404,6 +466,16 @@ async fn recover_key(shared: &Shared, client: &Client, key: &str, deadline: Inst
                 }
                 next = records.last().map_or(next, |(o, _)| o + 1);
             }
+            Ok(Err(e)) if e.code == ErrorCode::OffsetOutOfRange && next < target => {
+                // Retention moved the log start past the read: read again from the new start.
+                match log_start(client, topic, partition).await {
+                    Some(s) if s > start => {
+                        (start, next) = (s, s);
+                        records.clear();
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
             _ => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
@@ -411,6 +483,7 @@ async fn recover_key(shared: &Shared, client: &Client, key: &str, deadline: Inst
     shared.history.lock().unwrap_or_else(|p| p.into_inner()).final_reads.push(Read {
         key: key.to_owned(),
         node: None,
+        start,
         records,
         expected_end: target,
     });
@@ -432,12 +505,15 @@ async fn read_replicas(
         let Some(addr) = cluster_addrs.get(node) else { continue };
         loop {
             let mut records: Vec<(u64, u64)> = Vec::new();
+            let mut start = None;
             let mut next = 0;
             loop {
+                // A replica read starts at the replica's own log start when retention removed offset `next`.
                 let read =
                     tokio::time::timeout(OP_TIMEOUT, shared.client.read_replica(addr, topic, partition, next, 1 << 20))
                         .await;
                 let Ok(Ok(resp)) = read else { break };
+                start.get_or_insert(resp.log_start_offset);
                 for r in &resp.records {
                     records.push((r.offset, history::parse_value(r.value.as_deref())));
                 }
@@ -446,9 +522,11 @@ async fn read_replicas(
                     _ => break,
                 }
             }
-            let end = records.last().map_or(0, |(o, _)| o + 1);
+            // A replica whose whole log was cut ends where it starts.
+            let end = records.last().map_or(start.unwrap_or(0), |(o, _)| o + 1);
             if end >= target || Instant::now() > deadline {
-                let read = Read { key: key.to_owned(), node: Some(*node), records, expected_end: target };
+                let start = start.unwrap_or(0);
+                let read = Read { key: key.to_owned(), node: Some(*node), start, records, expected_end: target };
                 shared.history.lock().unwrap_or_else(|p| p.into_inner()).replica_reads.push(read);
                 break;
             }
@@ -461,12 +539,18 @@ async fn read_replicas(
 pub async fn run(config: RunConfig) -> anyhow::Result<RunReport> {
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.work_dir)?;
-    let cluster = LocalCluster::start(config.nodes, &config.work_dir, config.broker.clone()).await?;
+    let cluster: Box<dyn Target> = match config.target {
+        TargetKind::Local => {
+            Box::new(LocalCluster::start(config.nodes, &config.work_dir, config.broker.clone()).await?)
+        }
+        TargetKind::Compose => Box::new(ComposeCluster::start(config.nodes, &config.work_dir, config.seed)?),
+    };
+    let target = cluster.name();
     let bootstrap = cluster.bootstrap();
     let addrs: BTreeMap<u64, String> =
         cluster.ids().into_iter().filter_map(|id| cluster.addr(id).map(|a| (id, a))).collect();
     let cluster = Arc::new(Mutex::new(cluster));
-    let result = drive(config.clone(), cluster.clone(), bootstrap, addrs).await;
+    let result = drive(config.clone(), cluster.clone(), bootstrap, addrs, target).await;
     let log_lines = tokio::task::block_in_place(|| {
         let mut c = cluster.lock().unwrap_or_else(|p| p.into_inner());
         c.stop_all();
@@ -480,9 +564,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<RunReport> {
 
 async fn drive(
     config: Arc<RunConfig>,
-    cluster: Arc<Mutex<LocalCluster>>,
+    cluster: Arc<Mutex<Box<dyn Target>>>,
     bootstrap: Vec<String>,
     addrs: BTreeMap<u64, String>,
+    target: &'static str,
 ) -> anyhow::Result<RunReport> {
     // Setup: the first generation of topics, with patience (the cluster is still electing).
     let admin = Client::new(bootstrap.clone());
@@ -513,7 +598,7 @@ async fn drive(
     let schedule = nemesis::schedule(config.seed, &config.faults, config.duration, config.interval);
     let mut tasks = Vec::new();
     for w in 1..=config.writers {
-        tasks.push(tokio::spawn(writer(shared.clone(), config.clone(), w)));
+        tasks.push(tokio::spawn(writer(shared.clone(), config.clone(), bootstrap.clone(), w)));
     }
     for c in 1..=config.consumers {
         tasks.push(tokio::spawn(consumer(shared.clone(), bootstrap.clone(), c)));
@@ -590,7 +675,7 @@ async fn drive(
         scenario: config.scenario.name,
         title: config.scenario.title,
         seed: config.seed,
-        target: "local",
+        target,
         nodes: config.nodes,
         keys: all_keys.len(),
         duration_s: config.duration,
@@ -629,7 +714,8 @@ impl RunReport {
             },
         });
         let outside = |s: &SendOp| !self.faults.iter().any(|f| s.start < f.end + SETTLE && s.end > f.start);
-        let quiet: Vec<&SendOp> = self.history.sends.iter().filter(|s| s.process != 0 && outside(s)).collect();
+        let quiet: Vec<&SendOp> =
+            self.history.sends.iter().filter(|s| s.process != 0 && !s.cut_short && outside(s)).collect();
         let ok = quiet.iter().filter(|s| s.outcome == Outcome::Ok).count();
         let share = if quiet.is_empty() { 0.0 } else { ok as f64 / quiet.len() as f64 };
         gates.push(Gate {
@@ -651,6 +737,16 @@ impl RunReport {
             passed: compared.len() == self.keys,
             detail: format!("{} of {} keys had their replicas read", compared.len(), self.keys),
         });
+        if config.scenario.client_faults {
+            gates.push(Gate {
+                name: "unknown sends once",
+                passed: self.checked.info_duplicates == 0,
+                detail: format!(
+                    "{} of {} sends cut off or unknown were read at more than one offset (each must be read once or never)",
+                    self.checked.info_duplicates, self.checked.sends_info
+                ),
+            });
+        }
         gates.push(Gate {
             name: "final reads complete",
             passed: self.checked.unseen == 0,

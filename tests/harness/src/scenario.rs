@@ -10,39 +10,66 @@ pub struct Scenario {
     pub faults: &'static [FaultKind],
     /// Partitions per topic unless `--partitions` says otherwise.
     pub partitions: u32,
+    /// Configs of every topic the workload creates.
+    pub topic_configs: &'static [(&'static str, &'static str)],
+    /// Writers cut sends off mid-request and crash (S18).
+    pub client_faults: bool,
+}
+
+/// A scenario of 4 partitions per topic, default topic configs, well-behaved clients.
+const fn plain(name: &'static str, title: &'static str, faults: &'static [FaultKind]) -> Scenario {
+    Scenario { name, title, faults, partitions: 4, topic_configs: &[], client_faults: false }
 }
 
 const SCENARIOS: &[Scenario] = &[
-    Scenario { name: "S1", title: "baseline, no faults", faults: &[], partitions: 4 },
-    Scenario { name: "S2", title: "crash loop (kill -9, often a leader)", faults: &[FaultKind::Kill], partitions: 4 },
-    Scenario { name: "S3", title: "whole-cluster crash", faults: &[FaultKind::KillAll], partitions: 4 },
-    Scenario { name: "S4", title: "pause (stale leader)", faults: &[FaultKind::Pause], partitions: 4 },
-    Scenario { name: "S5", title: "pause + kill", faults: &[FaultKind::Kill, FaultKind::Pause], partitions: 4 },
-    Scenario { name: "S6", title: "network partitions", faults: &[FaultKind::Partition], partitions: 4 },
-    Scenario { name: "S16", title: "rolling bounce chasing the leader", faults: &[FaultKind::Bounce], partitions: 4 },
+    plain("S1", "baseline, no faults", &[]),
+    plain("S2", "crash loop (kill -9, often a leader)", &[FaultKind::Kill]),
+    plain("S3", "whole-cluster crash", &[FaultKind::KillAll]),
+    plain("S4", "pause (stale leader)", &[FaultKind::Pause]),
+    plain("S5", "pause + kill", &[FaultKind::Kill, FaultKind::Pause]),
+    plain("S6", "network partitions", &[FaultKind::Partition]),
+    plain("S16", "rolling bounce chasing the leader", &[FaultKind::Bounce]),
     Scenario {
-        name: "S19",
-        title: "multi-raft scale: 1,000 partitions under kill, pause and partitions",
-        faults: &[FaultKind::Kill, FaultKind::Pause, FaultKind::Partition],
+        // About 60 entries of one small record each: with brokers checking retention every second, logs
+        // are cut and purged every few seconds, so a follower down for one fault interval must install a
+        // snapshot to catch up.
+        topic_configs: &[("retention.bytes", "4096")],
+        ..plain(
+            "S17",
+            "snapshot catch-up: retention cuts every few seconds while followers are down or cut off",
+            &[FaultKind::Kill, FaultKind::Partition],
+        )
+    },
+    Scenario {
+        client_faults: true,
+        ..plain(
+            "S18",
+            "client faults: sends cut off mid-request and writers crashing, under kill -9",
+            &[FaultKind::Kill],
+        )
+    },
+    Scenario {
         partitions: 334,
+        ..plain(
+            "S19",
+            "multi-raft scale: 1,000 partitions under kill, pause and partitions",
+            &[FaultKind::Kill, FaultKind::Pause, FaultKind::Partition],
+        )
     },
-    Scenario {
-        name: "S20",
-        title: "general chaos",
-        faults: &[FaultKind::Kill, FaultKind::Term, FaultKind::Pause, FaultKind::Partition, FaultKind::KillAll],
-        partitions: 4,
-    },
+    plain(
+        "S20",
+        "general chaos",
+        &[FaultKind::Kill, FaultKind::Term, FaultKind::Pause, FaultKind::Partition, FaultKind::KillAll],
+    ),
 ];
 
-/// Scenarios of FAILOVER.md that need fault primitives the local target does not have yet.
+/// Scenarios of FAILOVER.md that need fault primitives the harness does not have yet.
 const NOT_YET: &[(&str, &str)] = &[
-    ("S7", "packet faults need tc netem (compose target)"),
+    ("S7", "packet faults need tc netem, which this kernel lacks (CONFIG_NET_SCH_NETEM is not set)"),
     ("S8", "clock faults need libfaketime"),
     ("S9", "losing unfsynced writes needs a lazyfs data directory"),
     ("S14", "disk faults need a small volume or a faulty filesystem"),
     ("S15", "membership changes do not exist yet"),
-    ("S17", "retention does not purge logs yet, so no follower needs a snapshot"),
-    ("S18", "client crashes mid-request are not scripted yet"),
 ];
 
 pub fn all() -> &'static [Scenario] {

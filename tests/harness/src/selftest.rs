@@ -8,7 +8,7 @@ const KEY: &str = "t/0";
 const OTHER: &str = "t/1";
 
 fn send(process: u64, key: &str, value: u64, outcome: Outcome, offset: Option<u64>, at: f64) -> SendOp {
-    SendOp { process, key: key.into(), value, outcome, offset, start: at, end: at + 0.5 }
+    SendOp { process, key: key.into(), value, outcome, offset, cut_short: false, start: at, end: at + 0.5 }
 }
 
 /// Ten acknowledged values on each of two keys, read back by polls, final reads and three replicas.
@@ -40,9 +40,15 @@ fn clean() -> History {
         end: 31.1,
     });
     for (key, base) in [(KEY, 1), (OTHER, 11)] {
-        h.final_reads.push(Read { key: key.into(), node: None, records: log(base), expected_end: 10 });
+        h.final_reads.push(Read { key: key.into(), node: None, start: 0, records: log(base), expected_end: 10 });
         for node in 1..=3 {
-            h.replica_reads.push(Read { key: key.into(), node: Some(node), records: log(base), expected_end: 10 });
+            h.replica_reads.push(Read {
+                key: key.into(),
+                node: Some(node),
+                start: 0,
+                records: log(base),
+                expected_end: 10,
+            });
         }
     }
     h.offsets_reads.push(OffsetsRead { key: KEY.into(), latest: 3, start: 2.6, end: 2.7 });
@@ -195,6 +201,38 @@ mod tests {
         let checked = check(&h);
         assert!(checked.clean(), "{:?}", checked.anomalies);
         assert_eq!(checked.info_duplicates, 1);
+    }
+
+    #[test]
+    fn values_retention_removed_are_expired_not_lost_and_reads_start_at_the_log_start() {
+        let mut h = clean();
+        // Retention cut KEY's first four offsets before anything read them (one replica cut one more): the
+        // first poll found its position gone and started over at the log start.
+        for p in h.polls.iter_mut().filter(|p| p.key == KEY) {
+            p.from = p.from.max(4);
+            p.records.retain(|(o, _)| *o >= 4);
+        }
+        let r = final_read(&mut h, KEY);
+        r.start = 4;
+        r.records.retain(|(o, _)| *o >= 4);
+        for replica in h.replica_reads.iter_mut().filter(|r| r.key == KEY) {
+            replica.start = if replica.node == Some(2) { 5 } else { 4 };
+            let start = replica.start;
+            replica.records.retain(|(o, _)| *o >= start);
+        }
+        let checked = check(&h);
+        assert!(checked.clean(), "{:?}", checked.anomalies);
+        assert_eq!(checked.expired, 4);
+        // A value missing above the log start is still lost.
+        final_read(&mut h, KEY).records.retain(|(o, _)| *o != 6);
+        for r in h.replica_reads.iter_mut().filter(|r| r.key == KEY) {
+            r.records.retain(|(o, _)| *o != 6);
+        }
+        for p in &mut h.polls {
+            p.records.retain(|(o, _)| *o != 6);
+        }
+        let checked = check(&h);
+        assert_eq!(checked.count("I1"), 1, "{:?}", checked.anomalies);
     }
 
     #[test]
