@@ -76,16 +76,14 @@ struct PrivateCluster {
     children: Vec<Option<tokio::process::Child>>,
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 impl PrivateCluster {
     fn start(nodes: usize) -> anyhow::Result<Self> {
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let dir = std::env::temp_dir().join(format!("flotilla-b10-{}-{stamp}", std::process::id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let addrs = (0..nodes).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<Result<_, _>>()?;
+        let addrs = (0..nodes)
+            .map(|_| crate::unused_port(std::net::Ipv4Addr::LOCALHOST.into()).map(|p| format!("127.0.0.1:{p}")))
+            .collect::<Result<_, _>>()?;
         let mut c = PrivateCluster {
             dir,
             broker: crate::broker_binary()?,

@@ -6,7 +6,7 @@
 //! - [`bench`]: the load generators behind `flotilla bench`.
 //! - [`failover`]: B10, failover under load on a private cluster it starts and kills.
 //! - [`broker_binary`]: where the `flotilla-broker` binary is, for `flotilla dev` and the harness;
-//!   [`spawn_broker`] starts one node of a local cluster with it.
+//!   [`spawn_broker`] starts one node of a local cluster with it, on a port from [`unused_port`].
 pub mod bench;
 pub mod client;
 pub mod failover;
@@ -58,4 +58,29 @@ pub fn spawn_broker(
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("cannot start {}", broker.display()))
+}
+
+/// A port on `ip` that nothing listens on now, for a broker about to be started. Ports come from below
+/// Linux's ephemeral range (32768-60999): a port the kernel handed out for `bind(0)` is also one it may
+/// hand out as the local end of any outgoing connection in the meantime (brokers open many), and the
+/// broker then fails to bind it. Each process walks its own stretch of 20000-32767 from a pid-derived
+/// start, so concurrent tests and runs rarely even try the same port.
+pub fn unused_port(ip: std::net::IpAddr) -> anyhow::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_768;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(397) % SPAN,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if std::net::TcpListener::bind(std::net::SocketAddr::new(ip, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free port on {ip} between {LOW} and {}", LOW + SPAN - 1)
 }

@@ -32,8 +32,7 @@ struct TestCluster {
 }
 
 fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
+    flotilla_cli::unused_port(std::net::Ipv4Addr::LOCALHOST.into()).expect("a free port")
 }
 
 impl TestCluster {
@@ -102,7 +101,15 @@ impl TestCluster {
 
     async fn wait_ready(&self) {
         let client = self.client();
-        wait_for("a controller leader", async || client.metadata().await.is_ok_and(|m| m.controller_leader != 0)).await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !client.metadata().await.is_ok_and(|m| m.controller_leader != 0) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for a controller leader\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 

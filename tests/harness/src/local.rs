@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -41,11 +41,6 @@ fn node_ip(id: u64) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10 + id as u8))
 }
 
-fn free_port(ip: IpAddr) -> anyhow::Result<u16> {
-    let l = TcpListener::bind(SocketAddr::new(ip, 0)).with_context(|| format!("cannot bind {ip}"))?;
-    Ok(l.local_addr()?.port())
-}
-
 /// Sends `signal` (e.g. "-STOP") to a process this harness started.
 fn signal(pid: u32, signal: &str) -> anyhow::Result<()> {
     let status = Command::new("kill").arg(signal).arg(pid.to_string()).status().context("running kill")?;
@@ -63,7 +58,7 @@ impl LocalCluster {
         }
         let mut addrs = BTreeMap::new();
         for id in 1..=n {
-            addrs.insert(id, SocketAddr::new(node_ip(id), free_port(node_ip(id))?));
+            addrs.insert(id, SocketAddr::new(node_ip(id), flotilla_cli::unused_port(node_ip(id))?));
         }
         let initial_cluster = addrs.iter().map(|(id, a)| format!("{id}={a}")).collect::<Vec<_>>().join(",");
         let mut proxies = BTreeMap::new();
