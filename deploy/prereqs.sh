@@ -14,6 +14,6 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 
-# RocksDB's C++ takes about 10 minutes to build on two cores: keep build artefacts outside the clone so
+# RocksDB's C++ takes about 30 minutes to build on two cores: keep build artefacts outside the clone so
 # every clone and every run reuses them.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/flotilla/target}"
