@@ -47,6 +47,9 @@ pub struct Checked {
     pub info_duplicates: u64,
     /// Acknowledged values below the final read's log start: removed by retention, not lost.
     pub expired: u64,
+    /// Keys whose final read began past offset 0 (retention had cut their log), and the highest such start.
+    pub keys_cut: u64,
+    pub highest_log_start: u64,
     pub sends_ok: u64,
     pub sends_fail: u64,
     pub sends_info: u64,
@@ -346,6 +349,8 @@ pub fn check(h: &History) -> Checked {
         anomalies,
         unseen,
         expired,
+        keys_cut: final_start.values().filter(|s| **s > 0).count() as u64,
+        highest_log_start: final_start.values().copied().max().unwrap_or(0),
         info_duplicates,
         sends_ok: count(Outcome::Ok),
         sends_fail: count(Outcome::Fail),

@@ -38,8 +38,13 @@ pub fn summary(r: &RunReport) -> String {
         "  duplicates of unknown (info) sends: {} (allowed without idempotent produce)",
         c.info_duplicates
     );
-    if c.expired > 0 {
-        let _ = writeln!(out, "  acknowledged values removed by retention before the final read: {}", c.expired);
+    if c.keys_cut > 0 {
+        let _ = writeln!(
+            out,
+            "retention: final reads of {} keys began past offset 0 (log start up to {}); acknowledged values it \
+             removed before any read saw them: {}",
+            c.keys_cut, c.highest_log_start, c.expired
+        );
     }
     let _ = writeln!(out, "gates:");
     for g in &r.gates {

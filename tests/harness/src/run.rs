@@ -747,6 +747,17 @@ impl RunReport {
                 ),
             });
         }
+        if !config.scenario.topic_configs.is_empty() {
+            // S17 proves nothing unless retention really cut the logs the faults raced.
+            gates.push(Gate {
+                name: "retention cut",
+                passed: self.checked.keys_cut > 0,
+                detail: format!(
+                    "{} of {} keys' final reads began past offset 0 (log start up to {})",
+                    self.checked.keys_cut, self.keys, self.checked.highest_log_start
+                ),
+            });
+        }
         gates.push(Gate {
             name: "final reads complete",
             passed: self.checked.unseen == 0,

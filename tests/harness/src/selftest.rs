@@ -223,6 +223,7 @@ mod tests {
         let checked = check(&h);
         assert!(checked.clean(), "{:?}", checked.anomalies);
         assert_eq!(checked.expired, 4);
+        assert_eq!((checked.keys_cut, checked.highest_log_start), (1, 4));
         // A value missing above the log start is still lost.
         final_read(&mut h, KEY).records.retain(|(o, _)| *o != 6);
         for r in h.replica_reads.iter_mut().filter(|r| r.key == KEY) {
