@@ -24,6 +24,7 @@ use flotilla_raft_store::state_machine::Mode;
 use flotilla_raft_store::types::{BasicNode, NodeId};
 
 use crate::controller::{self, CONTROLLER_GROUP, TopicRecord};
+use crate::disk::DiskGuard;
 use crate::memory::{MemoryPlan, ProduceMemory};
 use crate::proposer::Proposers;
 
@@ -44,6 +45,9 @@ pub struct BrokerConfig {
     pub memory: MemoryPlan,
     /// How often retention runs over the partitions hosted here.
     pub retention_check_interval: Duration,
+    /// Produce requests are refused while the data volume has less free space than this (see
+    /// [`crate::disk`]).
+    pub min_free_bytes: u64,
 }
 
 /// Parses `1=127.0.0.1:9401,2=127.0.0.1:9402`.
@@ -159,6 +163,8 @@ pub struct Broker {
     pub proposers: Proposers,
     /// The produce bytes accepted and not yet acknowledged.
     pub produce_memory: ProduceMemory,
+    /// The data volume's free space and its floor.
+    pub disk: Arc<DiskGuard>,
 }
 
 impl Broker {
@@ -175,6 +181,8 @@ impl Broker {
             RocksEngine::open(db_path(&config.data_dir), &rocks)
                 .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?,
         );
+        let disk = DiskGuard::new(config.data_dir.clone(), config.min_free_bytes)
+            .with_context(|| format!("cannot read the free space of {}", config.data_dir.display()))?;
         let options = NodeOptions {
             timing: config.timing,
             routes: config.raft_peer_routes.iter().map(|(id, addr)| (*id, addr.clone())).collect(),
@@ -194,6 +202,7 @@ impl Broker {
             controller_writes: tokio::sync::Mutex::new(()),
             proposers: Proposers::default(),
             produce_memory: ProduceMemory::new(config.memory.produce_in_flight),
+            disk: Arc::new(disk),
             config,
         }))
     }
@@ -294,6 +303,7 @@ mod tests {
             raft_peer_routes: BTreeMap::new(),
             memory: MemoryPlan::new(crate::memory::MEMORY_BUDGET_MIN).expect("plan"),
             retention_check_interval: Duration::from_secs(30),
+            min_free_bytes: 0,
         }
     }
 

@@ -51,7 +51,7 @@ impl BrokerError {
             ErrorCode::NotEnoughReplicas => Code::FailedPrecondition,
             ErrorCode::NotLeader | ErrorCode::LeaderNotAvailable | ErrorCode::ClusterNotReady => Code::Unavailable,
             ErrorCode::Timeout => Code::DeadlineExceeded,
-            ErrorCode::Throttled => Code::ResourceExhausted,
+            ErrorCode::Throttled | ErrorCode::DiskFull => Code::ResourceExhausted,
             ErrorCode::StorageError | ErrorCode::Unspecified => Code::Internal,
         }
     }

@@ -13,11 +13,13 @@
 //! - [`metrics`]: the Prometheus endpoint and the Raft/storage collector.
 //! - [`error`]: client-facing errors with stable codes.
 //! - [`memory`]: the memory budget and its split; the produce bytes in flight.
+//! - [`disk`]: the data volume's free space and the floor under which produce is refused.
 //! - [`logging`]: log filters and formats; sampling of openraft's per-group repeated warnings.
 //! - [`server`]: serving everything on one listen address until shutdown.
 pub mod balancer;
 pub mod broker;
 pub mod controller;
+pub mod disk;
 pub mod error;
 pub mod logging;
 pub mod memory;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use flotilla_broker::broker::{BrokerConfig, parse_initial_cluster, parse_node_addrs};
+use flotilla_broker::disk::MIN_FREE_DEFAULT;
 use flotilla_broker::memory::{MEMORY_BUDGET_DEFAULT, MemoryPlan, parse_bytes};
 use flotilla_raft_store::node::RaftTiming;
 
@@ -47,6 +48,10 @@ struct Args {
     /// How often retention (retention.ms, retention.bytes) runs, in milliseconds (default 30000).
     #[arg(long, env = "FLOTILLA_RETENTION_CHECK_INTERVAL_MS")]
     retention_check_interval_ms: Option<u64>,
+    /// Refuse produce requests while the data volume has less free space than this, e.g. 1GiB
+    /// (default 256MiB): a full disk stops a node's Raft groups until it restarts.
+    #[arg(long, env = "FLOTILLA_MIN_FREE_BYTES")]
+    min_free_bytes: Option<String>,
 }
 
 /// The `--config` file.
@@ -62,6 +67,7 @@ struct FileConfig {
     raft_peer_routes: Option<String>,
     memory_budget: Option<String>,
     retention_check_interval_ms: Option<u64>,
+    min_free_bytes: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -102,6 +108,10 @@ fn main() -> anyhow::Result<()> {
                 None => 30_000,
             },
         ),
+        min_free_bytes: match args.min_free_bytes.or(file.min_free_bytes) {
+            Some(size) => parse_bytes(&size).context("--min-free-bytes")?,
+            None => MIN_FREE_DEFAULT,
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(flotilla_broker::server::run(config, shutdown_signal()))

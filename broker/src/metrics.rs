@@ -40,6 +40,8 @@ pub async fn run_collector(broker: Arc<Broker>, mut stop: tokio::sync::watch::Re
         gauge!("flotilla_storage_fsync_seconds_max").set(sync.sync_nanos_max as f64 / 1e9);
         let engine = broker.node.engine().memory_usage();
         gauge!("flotilla_memory_budget_bytes").set(broker.config.memory.budget as f64);
+        gauge!("flotilla_disk_free_bytes").set(broker.disk.free() as f64);
+        gauge!("flotilla_disk_free_floor_bytes").set(broker.disk.floor() as f64);
         gauge!("flotilla_memory_bytes", "use" => "memtables").set(engine.memtables as f64);
         gauge!("flotilla_memory_bytes", "use" => "block_cache").set(engine.block_cache as f64);
         gauge!("flotilla_memory_bytes", "use" => "tail_cache").set(broker.node.tail_budget().used() as f64);

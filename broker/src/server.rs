@@ -28,6 +28,7 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
     let reconciler = tokio::spawn(broker.clone().run_reconciler(stop_rx.clone()));
     let balancer = tokio::spawn(crate::balancer::run(broker.clone(), stop_rx.clone()));
     let retention = tokio::spawn(crate::retention::run(broker.clone(), stop_rx.clone()));
+    let disk = tokio::spawn(crate::disk::run(broker.disk.clone(), stop_rx.clone()));
     let collector = tokio::spawn(crate::metrics::run_collector(broker.clone(), stop_rx));
     let (server_stop_tx, server_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -47,6 +48,7 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
             let _ = balancer.await;
             let _ = collector.await;
             let _ = retention.await;
+            let _ = disk.await;
             // Stopping the groups first ends the Raft streams that keep peer connections open.
             broker.node.shutdown().await;
             let _ = server_stop_tx.send(());

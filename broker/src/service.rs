@@ -235,6 +235,17 @@ impl FlotillaService {
                 format!("the batch for {what} is {size} bytes; max.message.bytes is {}", topic.max_message_bytes()),
             ));
         }
+        if let Some(free) = self.broker.disk.short() {
+            return Err(BrokerError::new(
+                ErrorCode::DiskFull,
+                format!(
+                    "{what}: node {} has {free} bytes free on its data volume, under its floor of {} \
+                     (--min-free-bytes); nothing was written",
+                    self.broker.config.node_id,
+                    self.broker.disk.floor()
+                ),
+            ));
+        }
         let Some(_reserved) = self.broker.produce_memory.reserve(size as usize, PRODUCE_TIMEOUT).await else {
             return Err(BrokerError::new(
                 ErrorCode::Throttled,

@@ -34,9 +34,11 @@ const METADATA_GRACE: Duration = Duration::from_secs(3);
 /// first attempt (the broker asked may not have applied the topic's creation yet).
 fn retriable(e: &BrokerError, since_first: Duration) -> bool {
     match e.code {
-        ErrorCode::NotLeader | ErrorCode::LeaderNotAvailable | ErrorCode::ClusterNotReady | ErrorCode::Throttled => {
-            true
-        }
+        ErrorCode::NotLeader
+        | ErrorCode::LeaderNotAvailable
+        | ErrorCode::ClusterNotReady
+        | ErrorCode::Throttled
+        | ErrorCode::DiskFull => true,
         ErrorCode::UnknownTopic | ErrorCode::UnknownPartition => since_first < METADATA_GRACE,
         _ => false,
     }

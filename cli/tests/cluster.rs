@@ -29,6 +29,8 @@ struct TestCluster {
     addrs: BTreeMap<u64, String>,
     metrics: BTreeMap<u64, String>,
     procs: BTreeMap<u64, Child>,
+    /// Flags every broker started from now on gets as well.
+    extra_args: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -37,10 +39,15 @@ fn free_port() -> u16 {
 
 impl TestCluster {
     fn start(n: u64) -> TestCluster {
+        Self::start_with(n, &[])
+    }
+
+    fn start_with(n: u64, extra_args: &[&str]) -> TestCluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let addrs: BTreeMap<u64, String> = (1..=n).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
         let metrics: BTreeMap<u64, String> = (1..=n).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
-        let mut c = TestCluster { dir, addrs, metrics, procs: BTreeMap::new() };
+        let extra_args = extra_args.iter().map(|a| a.to_string()).collect();
+        let mut c = TestCluster { dir, addrs, metrics, procs: BTreeMap::new(), extra_args };
         for id in 1..=n {
             c.start_node(id);
         }
@@ -64,6 +71,7 @@ impl TestCluster {
             .args(["--listen", &self.addrs[&id], "--initial-cluster", &self.initial_cluster()])
             .args(["--metrics-listen", &self.metrics[&id]])
             .args(["--retention-check-interval-ms", "200"])
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -701,4 +709,32 @@ async fn retention_by_time_and_by_size_moves_the_log_start_on_every_replica_and_
     // Offsets go on from the high watermark.
     let ack = client.produce("sized", Some(0), vec![sized(500, 20, 0)]).await.expect("produce after the cut");
     assert_eq!(ack.base_offset, 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_short_of_disk_space_refuses_produce_writes_nothing_and_recovers_once_space_is_back() {
+    // No volume here has a thousand TiB free: every node is under its floor from the start.
+    let mut cluster = TestCluster::start_with(3, &["--min-free-bytes", "1000TiB"]);
+    cluster.wait_ready().await;
+    let client = cluster.client().with_deadline(Duration::from_secs(2));
+    client.create_topic("full", 1, 3, vec![]).await.expect("topics can still be created");
+    let err = client.produce("full", Some(0), vec![record("k", "lost?".into())]).await.expect_err("refused");
+    assert_eq!(err.code, pb::ErrorCode::DiskFull, "{err}");
+    assert!(err.message.contains("nothing was written") && err.message.contains("--min-free-bytes"), "{err}");
+    let info = client.describe_topic("full").await.expect("describe");
+    assert_eq!(info.partitions[0].high_watermark, 0);
+
+    // Space comes back (here: the floor goes down): the same partition takes writes from offset 0.
+    cluster.extra_args.clear();
+    for id in 1..=3 {
+        cluster.kill(id);
+        cluster.start_node(id);
+    }
+    cluster.wait_ready().await;
+    let client = cluster.client();
+    let ack = client.produce("full", Some(0), vec![record("k", "kept".into())]).await.expect("produce");
+    assert_eq!(ack.base_offset, 0);
+    let resp = client.fetch("full", 0, 0, 1 << 20, 0).await.expect("fetch");
+    let values: Vec<_> = resp.records.iter().filter_map(|r| r.value.clone()).collect();
+    assert_eq!(values, vec![Bytes::from("kept")]);
 }

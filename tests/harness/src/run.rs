@@ -123,6 +123,7 @@ pub fn classify(code: ErrorCode) -> Outcome {
         | ErrorCode::LeaderNotAvailable
         | ErrorCode::ClusterNotReady
         | ErrorCode::Throttled
+        | ErrorCode::DiskFull
         | ErrorCode::UnknownTopic
         | ErrorCode::UnknownPartition
         | ErrorCode::InvalidTopicName
