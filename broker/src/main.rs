@@ -114,7 +114,10 @@ fn main() -> anyhow::Result<()> {
         },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(flotilla_broker::server::run(config, shutdown_signal()))
+    let result = runtime.block_on(flotilla_broker::server::run(config, shutdown_signal()));
+    // After a storage failure a blocking task may still be stuck in the store: do not wait for it.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    result
 }
 
 async fn shutdown_signal() {

@@ -14,7 +14,21 @@ use crate::service::FlotillaService;
 /// streams never drain by themselves, so the wait must be bounded.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// Runs a broker until `shutdown` resolves, then stops every group and the server.
+/// How often the node looks for a group stopped by a storage failure.
+const STORAGE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Resolves once one of the node's groups has stopped on a storage failure.
+async fn storage_failed(broker: &Broker) -> (u64, String) {
+    loop {
+        if let Some(failure) = broker.node.storage_failure() {
+            return failure;
+        }
+        tokio::time::sleep(STORAGE_CHECK_INTERVAL).await;
+    }
+}
+
+/// Runs a broker until `shutdown` resolves, then stops every group and the server. Returns an error,
+/// without the orderly stop, when the node's storage fails.
 pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| {
         format!("cannot listen on {} (is node {} already running there?)", config.listen, config.node_id)
@@ -41,6 +55,13 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
     tokio::pin!(server);
     let served = tokio::select! {
         r = &mut server => r,
+        (group, why) = storage_failed(&broker) => {
+            // The store refused a write or a sync: every group shares it, and RocksDB will not take
+            // writes again in this process. Exit, so that a supervisor restarts the node once the disk is
+            // healthy; it then recovers from its synced WAL and catches up from its peers.
+            tracing::error!(node = broker.config.node_id, group, "storage failed: {why}; the broker stops");
+            return Err(anyhow::anyhow!("storage failed in group {group}: {why}"));
+        }
         _ = shutdown => {
             tracing::info!(node = broker.config.node_id, "shutting down");
             let _ = stop_tx.send(true);

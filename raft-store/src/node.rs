@@ -13,7 +13,7 @@ use std::sync::{Arc, RwLock, Weak};
 
 use bytes::Bytes;
 use openraft::async_runtime::WatchReceiver;
-use openraft::error::ClientWriteError;
+use openraft::error::{ClientWriteError, Fatal};
 use openraft::raft::ReadPolicy;
 use openraft::{BasicNode, Config, RaftMetrics, SnapshotPolicy};
 
@@ -186,9 +186,22 @@ impl Group {
         self.raft.is_initialized().await.map_err(io::Error::other)
     }
 
-    /// The leader this replica knows of, and its address.
+    /// Why the group's Raft core stopped on its own (a storage failure, a panic), if it did. A group
+    /// stopped by a shutdown is not failed.
+    pub fn failure(&self) -> Option<String> {
+        match &self.raft.metrics().borrow_watched().running_state {
+            Err(Fatal::Stopped) | Ok(()) => None,
+            Err(fatal) => Some(fatal.to_string()),
+        }
+    }
+
+    /// The leader this replica knows of, and its address. None once the group has failed: its last
+    /// known leader may be this very replica, which can no longer serve.
     pub fn leader(&self) -> Option<(NodeId, Option<String>)> {
         let m = self.metrics();
+        if m.running_state.is_err() {
+            return None;
+        }
         let id = m.current_leader?;
         let addr = m.membership_config.membership().get_node(&id).map(|n| n.addr.clone());
         Some((id, addr))
@@ -384,6 +397,12 @@ impl RaftNode {
 
     pub fn groups(&self) -> Vec<Group> {
         self.groups.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    /// The first group whose Raft core stopped on a failure, and why. Every group shares one store, so
+    /// one such failure means the node's storage can no longer be trusted to take writes.
+    pub fn storage_failure(&self) -> Option<(GroupId, String)> {
+        self.groups().iter().find_map(|g| g.failure().map(|why| (g.id, why)))
     }
 
     /// Stops group `group` and deletes all of its data from this node.

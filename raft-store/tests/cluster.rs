@@ -318,3 +318,27 @@ async fn follower_offline_across_a_retention_cut_catches_up_and_restarts_serve_f
     assert_eq!(read_all(cluster.node(restarted), G, 200), expected, "node {restarted} after restart");
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_failure_stops_the_group_and_the_node_reports_it() {
+    let engine = Arc::new(flotilla_raft_store::engine::MemEngine::new());
+    let node = RaftNode::open(1, engine.clone(), TIMING).await.expect("open node");
+    node.create_group(4, Mode::Log).await.expect("create group");
+    let me = BTreeMap::from([(1, BasicNode::new("127.0.0.1:1"))]);
+    node.initialize_group(4, me).await.expect("initialize");
+    let group = node.group(4).expect("group");
+    wait_for("a leader", async || group.is_leader(1)).await;
+    let batch = record_batch::build(&[record(4, 0)], ProducerInfo::NONE);
+    group.raft.client_write(encode_batches(std::slice::from_ref(&batch))).await.expect("write");
+    assert_eq!(node.storage_failure(), None);
+
+    engine.set_failing(Some("no space left on device"));
+    let failed = group.raft.client_write(encode_batches(std::slice::from_ref(&batch))).await;
+    assert!(failed.is_err(), "a write on a failing disk is never acknowledged");
+    wait_for("the failure to be reported", async || node.storage_failure().is_some()).await;
+    let (g, why) = node.storage_failure().expect("failure");
+    assert_eq!(g, 4);
+    assert!(why.contains("no space left on device"), "{why}");
+    // A failed replica names no leader, so nothing is routed to it.
+    assert_eq!(group.leader(), None);
+}
