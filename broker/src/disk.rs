@@ -58,7 +58,8 @@ impl DiskGuard {
 
 /// Samples the volume until `stop` fires, logging when it crosses the floor either way.
 pub async fn run(guard: Arc<DiskGuard>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mut was_short = guard.short().is_some();
+    // Starting short is worth a warning too.
+    let mut was_short = false;
     let mut failing = false;
     loop {
         tokio::select! {
