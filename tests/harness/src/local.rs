@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
+use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -26,6 +27,9 @@ pub struct Node {
     routes: String,
     child: Option<Child>,
     paused: bool,
+    /// Where the node's log stood when its disk was filled: an exit on a storage failure logged after it
+    /// is the expected end of a node with a full disk, not an unexpected exit.
+    filled_at: Option<u64>,
 }
 
 pub struct LocalCluster {
@@ -35,6 +39,28 @@ pub struct LocalCluster {
     unexpected_exits: Vec<NodeLogLine>,
     broker: PathBuf,
     initial_cluster: String,
+    /// Data directories mounted as volumes of their own (S14), unmounted when the cluster stops.
+    volumes: Vec<PathBuf>,
+    /// Flags every broker gets besides the usual ones.
+    extra_args: Vec<String>,
+}
+
+/// The free-space floor brokers get on volumes of their own.
+const VOLUME_MIN_FREE: &str = "32MiB";
+const FILLER: &str = "harness-filler";
+
+/// Mounts a tmpfs of `bytes` on `dir`.
+fn mount_volume(dir: &Path, bytes: u64) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "flotilla-harness"])
+        .arg(dir)
+        .status()
+        .context("running mount")?;
+    if !status.success() {
+        bail!("cannot mount a {bytes}-byte tmpfs on {} (scenarios that fill disks need root)", dir.display());
+    }
+    Ok(())
 }
 
 fn node_ip(id: u64) -> IpAddr {
@@ -52,7 +78,8 @@ fn signal(pid: u32, signal: &str) -> anyhow::Result<()> {
 
 impl LocalCluster {
     /// Starts `n` nodes (at most 200) with their data under `dir`.
-    pub async fn start(n: u64, dir: &Path, broker: PathBuf) -> anyhow::Result<LocalCluster> {
+    /// With `disk_bytes`, each node's data directory is a tmpfs of that size, which `fill_disk` fills.
+    pub async fn start(n: u64, dir: &Path, broker: PathBuf, disk_bytes: Option<u64>) -> anyhow::Result<LocalCluster> {
         if !(1..=200).contains(&n) {
             bail!("--nodes must be between 1 and 200");
         }
@@ -86,10 +113,28 @@ impl LocalCluster {
                 routes,
                 child: None,
                 paused: false,
+                filled_at: None,
             };
             nodes.insert(id, node);
         }
-        let mut cluster = LocalCluster { nodes, proxies, unexpected_exits: Vec::new(), broker, initial_cluster };
+        let mut cluster = LocalCluster {
+            nodes,
+            proxies,
+            unexpected_exits: Vec::new(),
+            broker,
+            initial_cluster,
+            volumes: Vec::new(),
+            extra_args: Vec::new(),
+        };
+        if let Some(bytes) = disk_bytes {
+            cluster.extra_args = vec!["--min-free-bytes".into(), VOLUME_MIN_FREE.into()];
+            let dirs: Vec<PathBuf> = cluster.nodes.values().map(|n| n.data_dir.clone()).collect();
+            for dir in dirs {
+                // Recorded first: Drop unmounts whatever was mounted if a later step fails.
+                mount_volume(&dir, bytes)?;
+                cluster.volumes.push(dir);
+            }
+        }
         for id in 1..=n {
             cluster.start_node(id)?;
         }
@@ -98,6 +143,12 @@ impl LocalCluster {
 
     fn node(&mut self, id: u64) -> anyhow::Result<&mut Node> {
         self.nodes.get_mut(&id).with_context(|| format!("no node {id}"))
+    }
+
+    fn unmount_volumes(&mut self) {
+        for dir in self.volumes.drain(..) {
+            let _ = Command::new("umount").arg("-l").arg(&dir).status();
+        }
     }
 }
 
@@ -118,6 +169,7 @@ impl Target for LocalCluster {
     fn start_node(&mut self, id: u64) -> anyhow::Result<()> {
         let broker = self.broker.clone();
         let cluster = self.initial_cluster.clone();
+        let extra_args = self.extra_args.clone();
         let node = self.node(id)?;
         let exited = match node.child.as_mut() {
             Some(child) => child.try_wait()?,
@@ -146,6 +198,7 @@ impl Target for LocalCluster {
             .arg(&node.routes)
             // Scenarios with retention (S17) want cuts often; without retention configs a pass is cheap.
             .args(["--retention-check-interval-ms", "1000"])
+            .args(&extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -208,6 +261,48 @@ impl Target for LocalCluster {
         Ok(())
     }
 
+    /// Writes a filler file into the node's volume until it is full, then gives back `leave` bytes.
+    fn fill_disk(&mut self, id: u64, leave: u64) -> anyhow::Result<()> {
+        let volumes = self.volumes.clone();
+        let node = self.node(id)?;
+        if !volumes.contains(&node.data_dir) {
+            bail!("node {id}'s data directory is not a volume of its own: only S14 fills disks");
+        }
+        node.filled_at = Some(std::fs::metadata(&node.log).map_or(0, |m| m.len()));
+        let path = node.data_dir.join(FILLER);
+        let mut filler = OpenOptions::new().create(true).append(true).open(&path)?;
+        let chunk = vec![0u8; 1 << 20];
+        loop {
+            match filler.write_all(&chunk) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::StorageFull => break,
+                Err(e) => return Err(e).with_context(|| format!("filling {}", path.display())),
+            }
+        }
+        let len = filler.metadata()?.len();
+        filler.set_len(len.saturating_sub(leave))?;
+        Ok(())
+    }
+
+    /// Removes the filler; a node that exited on the storage failure since is started again.
+    fn free_disk(&mut self, id: u64) -> anyhow::Result<()> {
+        let node = self.node(id)?;
+        let path = node.data_dir.join(FILLER);
+        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        let since = node.filled_at.take().unwrap_or(0);
+        if let Some(child) = node.child.as_mut()
+            && child.try_wait()?.is_some()
+        {
+            let log = std::fs::read(&node.log).unwrap_or_default();
+            let after = String::from_utf8_lossy(log.get(since as usize..).unwrap_or_default());
+            if after.contains("storage failed") {
+                node.child = None;
+                node.paused = false;
+            }
+        }
+        self.start_node(id)
+    }
+
     /// Heals every link, continues every paused node and starts every stopped one.
     fn heal_all(&mut self) -> anyhow::Result<()> {
         for p in self.proxies.values() {
@@ -225,6 +320,7 @@ impl Target for LocalCluster {
         for id in self.ids() {
             let _ = self.terminate(id, Duration::from_secs(5));
         }
+        self.unmount_volumes();
     }
 
     /// Lines of the node logs that report a panic or a failed assertion, and nodes that exited on their own.
@@ -246,5 +342,6 @@ impl Drop for LocalCluster {
                 let _ = child.wait();
             }
         }
+        self.unmount_volumes();
     }
 }

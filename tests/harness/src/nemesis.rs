@@ -35,16 +35,21 @@ pub enum FaultKind {
     /// Stop the node leading most partitions (SIGTERM for the first five bounces, then kill -9) and start
     /// it again: a rolling bounce that chases the leader.
     Bounce,
+    /// Fill one node's data volume (half the time the node leading most partitions): half the time 4 MiB
+    /// are left, under the brokers' free-space floor, so the node refuses produce; otherwise nothing is,
+    /// so its next write fails and it stops. Freed after the hold; a stopped node is started again.
+    DiskFull,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 6] = [
+    pub const ALL: [FaultKind; 7] = [
         FaultKind::Kill,
         FaultKind::Term,
         FaultKind::Pause,
         FaultKind::Partition,
         FaultKind::KillAll,
         FaultKind::Bounce,
+        FaultKind::DiskFull,
     ];
 
     pub fn name(self) -> &'static str {
@@ -55,6 +60,7 @@ impl FaultKind {
             FaultKind::Partition => "partition",
             FaultKind::KillAll => "kill-all",
             FaultKind::Bounce => "bounce",
+            FaultKind::DiskFull => "disk-full",
         }
     }
 }
@@ -117,6 +123,7 @@ pub enum Heal {
     Restart(Vec<u64>),
     Resume(Vec<u64>),
     Reconnect(Vec<(u64, u64)>),
+    FreeDisk(u64),
 }
 
 /// An injected fault: what it did, in words, and how to heal it.
@@ -193,6 +200,12 @@ pub fn inject(
                 description: format!("bounce the leader, node {leader} ({how})"),
                 heal: Heal::Restart(vec![leader]),
             }
+        }
+        FaultKind::DiskFull => {
+            let target = if rng.random_bool(0.5) { leader } else { random_node };
+            let (leave, left) = if rng.random_bool(0.5) { (4 << 20, "4 MiB left") } else { (0, "nothing left") };
+            cluster.fill_disk(target, leave)?;
+            Injected { description: format!("fill the disk of node {target} ({left})"), heal: Heal::FreeDisk(target) }
         }
         FaultKind::Pause => {
             let (shape, targets) = match rng.random_range(0..3) {
@@ -282,6 +295,7 @@ pub fn heal(cluster: &mut dyn Target, heal: &Heal) -> anyhow::Result<()> {
         Heal::Restart(ids) => ids.iter().try_for_each(|id| cluster.start_node(*id)),
         Heal::Resume(ids) => ids.iter().try_for_each(|id| cluster.set_paused(*id, false)),
         Heal::Reconnect(links) => links.iter().try_for_each(|(a, b)| cluster.set_cut(*a, *b, false)),
+        Heal::FreeDisk(id) => cluster.free_disk(*id),
     }
 }
 

@@ -541,10 +541,16 @@ pub async fn run(config: RunConfig) -> anyhow::Result<RunReport> {
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.work_dir)?;
     let cluster: Box<dyn Target> = match config.target {
-        TargetKind::Local => {
-            Box::new(LocalCluster::start(config.nodes, &config.work_dir, config.broker.clone()).await?)
+        TargetKind::Local => Box::new(
+            LocalCluster::start(config.nodes, &config.work_dir, config.broker.clone(), config.scenario.disk_bytes)
+                .await?,
+        ),
+        TargetKind::Compose => {
+            if config.scenario.disk_bytes.is_some() {
+                anyhow::bail!("{} fills disks, which only the local target can do", config.scenario.name);
+            }
+            Box::new(ComposeCluster::start(config.nodes, &config.work_dir, config.seed)?)
         }
-        TargetKind::Compose => Box::new(ComposeCluster::start(config.nodes, &config.work_dir, config.seed)?),
     };
     let target = cluster.name();
     let bootstrap = cluster.bootstrap();

@@ -14,11 +14,14 @@ pub struct Scenario {
     pub topic_configs: &'static [(&'static str, &'static str)],
     /// Writers cut sends off mid-request and crash (S18).
     pub client_faults: bool,
+    /// Each node's data directory is a volume of its own of this many bytes, which the disk-full fault
+    /// fills (S14; local target only).
+    pub disk_bytes: Option<u64>,
 }
 
 /// A scenario of 4 partitions per topic, default topic configs, well-behaved clients.
 const fn plain(name: &'static str, title: &'static str, faults: &'static [FaultKind]) -> Scenario {
-    Scenario { name, title, faults, partitions: 4, topic_configs: &[], client_faults: false }
+    Scenario { name, title, faults, partitions: 4, topic_configs: &[], client_faults: false, disk_bytes: None }
 }
 
 const SCENARIOS: &[Scenario] = &[
@@ -56,6 +59,14 @@ const SCENARIOS: &[Scenario] = &[
             &[FaultKind::Kill, FaultKind::Pause, FaultKind::Partition],
         )
     },
+    Scenario {
+        disk_bytes: Some(256 << 20),
+        ..plain(
+            "S14",
+            "disk full (ENOSPC) on a leader or a follower, under kill -9",
+            &[FaultKind::DiskFull, FaultKind::Kill],
+        )
+    },
     plain(
         "S20",
         "general chaos",
@@ -68,7 +79,6 @@ const NOT_YET: &[(&str, &str)] = &[
     ("S7", "packet faults need tc netem, which this kernel lacks (CONFIG_NET_SCH_NETEM is not set)"),
     ("S8", "clock faults need libfaketime"),
     ("S9", "losing unfsynced writes needs a lazyfs data directory"),
-    ("S14", "disk faults need a small volume or a faulty filesystem"),
     ("S15", "membership changes do not exist yet"),
 ];
 

@@ -27,6 +27,15 @@ pub trait Target: Send {
     fn set_paused(&mut self, id: u64, paused: bool) -> anyhow::Result<()>;
     /// Cuts (true) or heals the Raft link `from` -> `to`: the connections `from` dials to `to`.
     fn set_cut(&mut self, from: u64, to: u64, cut: bool) -> anyhow::Result<()>;
+    /// Fills node `id`'s data volume until only `leave` bytes are free (S14).
+    fn fill_disk(&mut self, id: u64, leave: u64) -> anyhow::Result<()> {
+        let _ = leave;
+        anyhow::bail!("the {} target cannot fill node {id}'s disk (S14 runs on the local target)", self.name())
+    }
+    /// Frees what `fill_disk` took and starts the node again if the full disk stopped it.
+    fn free_disk(&mut self, id: u64) -> anyhow::Result<()> {
+        anyhow::bail!("the {} target cannot free node {id}'s disk", self.name())
+    }
     /// Heals every link, continues every paused node and starts every stopped one.
     fn heal_all(&mut self) -> anyhow::Result<()>;
     /// Stops every node and releases what the target made.
