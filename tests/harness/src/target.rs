@@ -28,8 +28,7 @@ pub trait Target: Send {
     /// Cuts (true) or heals the Raft link `from` -> `to`: the connections `from` dials to `to`.
     fn set_cut(&mut self, from: u64, to: u64, cut: bool) -> anyhow::Result<()>;
     /// Fills node `id`'s data volume until only `leave` bytes are free (S14).
-    fn fill_disk(&mut self, id: u64, leave: u64) -> anyhow::Result<()> {
-        let _ = leave;
+    fn fill_disk(&mut self, id: u64, _leave: u64) -> anyhow::Result<()> {
         anyhow::bail!("the {} target cannot fill node {id}'s disk (S14 runs on the local target)", self.name())
     }
     /// Frees what `fill_disk` took and starts the node again if the full disk stopped it.
