@@ -85,6 +85,12 @@ impl RaftTiming {
             snapshot_policy,
             max_in_snapshot_log_to_keep: keep,
             max_payload_entries: 1024,
+            // A restarted leader must win an election in a new term. Resuming its old term (openraft's
+            // default) is unsafe here: a leader replicates entries before its own fsync, so after a power
+            // loss (or kill -9: the WAL buffer lives in the process) it can come back without entries that
+            // its followers have on disk, and would write other entries under the same log ids, which the
+            // followers then keep as matching.
+            enable_leader_restore: Some(false),
             ..Default::default()
         };
         config.validate().map(Arc::new).map_err(|e| io::Error::other(format!("raft config: {e}")))

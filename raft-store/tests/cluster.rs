@@ -1,9 +1,11 @@
 //! In-process clusters of three nodes talking over the real tonic transport on 127.0.0.1, each on its
-//! own RocksDB: replication of many groups, and retention cuts with a follower offline across the cut.
+//! own RocksDB (or on an in-memory store that can lose its unsynced writes): replication of many groups,
+//! retention cuts with a follower offline across the cut, and a power loss of every node.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,7 +14,8 @@ use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
-use flotilla_raft_store::engine::{Engine, RocksConfig, RocksEngine};
+use flotilla_raft_store::engine::{Cf, Engine, EngineError, MemEngine, RocksConfig, RocksEngine, WriteBatch};
+use flotilla_raft_store::keys;
 use flotilla_raft_store::node::{Group, RaftNode, RaftTiming};
 use flotilla_raft_store::partition::{self, ReadError};
 use flotilla_raft_store::record_batch::{self, ProducerInfo, Record};
@@ -36,6 +39,85 @@ struct Cluster {
     dirs: BTreeMap<u64, PathBuf>,
     addrs: BTreeMap<u64, String>,
     running: BTreeMap<u64, RunningNode>,
+    /// In-memory clusters: each node's store, which outlives its processes, and the running process's
+    /// view of it.
+    stores: BTreeMap<u64, Arc<MemEngine>>,
+    disks: BTreeMap<u64, Arc<ProcessDisk>>,
+}
+
+/// One process's view of a node's in-memory store. Its fsyncs can be held back, and it dies with the
+/// process: every later write and fsync fails, so a dead incarnation's Raft tasks never touch the store
+/// that the next incarnation opens.
+struct ProcessDisk {
+    store: Arc<MemEngine>,
+    hold_syncs: AtomicBool,
+    dead: AtomicBool,
+}
+
+impl ProcessDisk {
+    fn new(store: Arc<MemEngine>) -> Arc<Self> {
+        Arc::new(Self { store, hold_syncs: AtomicBool::new(false), dead: AtomicBool::new(false) })
+    }
+
+    fn alive(&self) -> Result<(), EngineError> {
+        match self.dead.load(Ordering::SeqCst) {
+            true => Err(EngineError::Backend("the process is dead".into())),
+            false => Ok(()),
+        }
+    }
+
+    /// The machine loses power: the process dies and the store keeps only what was fsynced.
+    fn power_loss(&self) {
+        self.dead.store(true, Ordering::SeqCst);
+        self.store.crash();
+    }
+}
+
+impl Drop for Cluster {
+    /// A failed test must not hang on a held fsync: the processes die with the cluster.
+    fn drop(&mut self) {
+        for disk in self.disks.values() {
+            disk.dead.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Engine for ProcessDisk {
+    fn write(&self, batch: WriteBatch) -> Result<(), EngineError> {
+        self.alive()?;
+        self.store.write(batch)
+    }
+
+    fn sync_wal(&self) -> Result<(), EngineError> {
+        while self.hold_syncs.load(Ordering::SeqCst) && !self.dead.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.alive()?;
+        self.store.sync_wal()
+    }
+
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Bytes>, EngineError> {
+        self.store.get(cf, key)
+    }
+
+    fn scan(
+        &self,
+        cf: Cf,
+        from: &[u8],
+        to: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), EngineError> {
+        self.store.scan(cf, from, to, visit)
+    }
+
+    fn last_in_range(&self, cf: Cf, from: &[u8], to: &[u8]) -> Result<Option<(Vec<u8>, Bytes)>, EngineError> {
+        self.store.last_in_range(cf, from, to)
+    }
+
+    fn reclaim_range(&self, cf: Cf, from: &[u8], to: &[u8]) -> Result<(), EngineError> {
+        self.alive()?;
+        self.store.reclaim_range(cf, from, to)
+    }
 }
 
 /// Polls `cond` until it holds, failing the test after [`WAIT`].
@@ -85,24 +167,58 @@ fn serve(
 
 impl Cluster {
     async fn start(n: u64) -> Cluster {
+        Self::start_with(n, false).await
+    }
+
+    /// A cluster whose nodes keep their data in memory ([`ProcessDisk`]), so a test can cut power.
+    async fn start_in_memory(n: u64) -> Cluster {
+        Self::start_with(n, true).await
+    }
+
+    async fn start_with(n: u64, in_memory: bool) -> Cluster {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
             .try_init();
         let root = tempfile::tempdir().expect("tempdir");
-        let mut cluster =
-            Cluster { dirs: BTreeMap::new(), addrs: BTreeMap::new(), running: BTreeMap::new(), _root: root };
+        let mut cluster = Cluster {
+            dirs: BTreeMap::new(),
+            addrs: BTreeMap::new(),
+            running: BTreeMap::new(),
+            stores: BTreeMap::new(),
+            disks: BTreeMap::new(),
+            _root: root,
+        };
         for id in 1..=n {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
             let addr = listener.local_addr().expect("addr").to_string();
             let dir = cluster._root.path().join(format!("node-{id}"));
             cluster.dirs.insert(id, dir.clone());
             cluster.addrs.insert(id, addr);
-            let node = RaftNode::open(id, open_engine(&dir).await, TIMING).await.expect("open node");
+            if in_memory {
+                cluster.stores.insert(id, Arc::new(MemEngine::new()));
+            }
+            let node = RaftNode::open(id, cluster.engine(id).await, TIMING).await.expect("open node");
             let (stop, server) = serve(&node, listener);
             cluster.running.insert(id, RunningNode { node, stop, server });
         }
         cluster
+    }
+
+    /// The store node `id`'s next incarnation opens: its RocksDB, or a fresh process view of its memory.
+    async fn engine(&mut self, id: u64) -> Arc<dyn Engine> {
+        match self.stores.get(&id) {
+            Some(store) => {
+                let disk = ProcessDisk::new(store.clone());
+                self.disks.insert(id, disk.clone());
+                disk
+            }
+            None => open_engine(&self.dirs[&id]).await,
+        }
+    }
+
+    fn disk(&self, id: u64) -> &ProcessDisk {
+        self.disks.get(&id).expect("an in-memory node")
     }
 
     fn members(&self) -> BTreeMap<u64, BasicNode> {
@@ -124,13 +240,18 @@ impl Cluster {
 
     /// The group's handle on its current leader.
     async fn leader(&self, g: u64) -> Group {
+        self.leader_and_id(g).await.0
+    }
+
+    /// The group's handle on its current leader, and the leader's node id.
+    async fn leader_and_id(&self, g: u64) -> (Group, u64) {
         let mut found = None;
         wait_for(&format!("a leader of group {g}"), async || {
             for r in self.running.values() {
                 if let Some(group) = r.node.group(g)
                     && group.is_leader(r.node.id())
                 {
-                    found = Some(group);
+                    found = Some((group, r.node.id()));
                     return true;
                 }
             }
@@ -170,7 +291,7 @@ impl Cluster {
     async fn restart(&mut self, id: u64) {
         let addr = self.addrs[&id].clone();
         let listener = std::net::TcpListener::bind(&addr).expect("rebind");
-        let node = RaftNode::open(id, open_engine(&self.dirs[&id]).await, TIMING).await.expect("reopen node");
+        let node = RaftNode::open(id, self.engine(id).await, TIMING).await.expect("reopen node");
         let (stop, server) = serve(&node, listener);
         self.running.insert(id, RunningNode { node, stop, server });
     }
@@ -341,4 +462,59 @@ async fn a_storage_failure_stops_the_group_and_the_node_reports_it() {
     assert!(why.contains("no space left on device"), "{why}");
     // A failed replica names no leader, so nothing is routed to it.
     assert_eq!(group.leader(), None);
+}
+
+/// Every node loses power at once while the leader's newest entry is on its followers' disks but not on
+/// its own (its fsync had not run). The restarted leader must not take its old term back: it would write
+/// other records under the log ids its followers hold, and they would keep theirs as matching. The
+/// replicas would then disagree at one offset (found by the failover harness's S9).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_power_loss_a_leader_missing_its_unsynced_tail_does_not_resume_its_term() {
+    const G: u64 = 1;
+    let mut cluster = Cluster::start_in_memory(3).await;
+    cluster.create_group(G).await;
+    assert_eq!(cluster.append(G, &[record(G, 0)]).await, 0);
+    wait_high_watermark(&cluster, G, &[1, 2, 3], 1).await;
+
+    let (leader, l) = cluster.leader_and_id(G).await;
+    let before = leader.metrics().last_log_index.unwrap_or(0);
+    cluster.disk(l).hold_syncs.store(true, Ordering::SeqCst);
+    let batch = record_batch::build(&[record(G, 1)], ProducerInfo::NONE);
+    let raft = leader.raft.clone();
+    let write = tokio::spawn(async move { raft.client_write(encode_batches(std::slice::from_ref(&batch))).await });
+    let followers: Vec<u64> = (1..=3).filter(|id| *id != l).collect();
+    // The leader cannot commit the entry (its own fsync of the commit index is held too), so its
+    // followers are asked directly: the entry is in what a power loss would leave of their stores.
+    let key = keys::group_u64(G, before + 1);
+    wait_for("both followers to have the new entry on disk", async || {
+        followers.iter().all(|f| cluster.stores[f].durable(Cf::Log, &key).is_some())
+    })
+    .await;
+    assert_eq!(cluster.stores[&l].durable(Cf::Log, &key), None, "the leader's own copy is not synced");
+
+    for id in 1..=3 {
+        cluster.disk(id).power_loss();
+    }
+    for id in 1..=3 {
+        cluster.stop(id).await;
+        // Whatever a dying task wrote after the loss never reached the disk either.
+        cluster.stores[&id].crash();
+    }
+    write.abort();
+    // The old leader first, so that it could resume before any follower's election timer runs out.
+    cluster.restart(l).await;
+    for &f in &followers {
+        cluster.restart(f).await;
+    }
+
+    let offset = cluster.append(G, &[record(G, 2)]).await;
+    wait_high_watermark(&cluster, G, &[1, 2, 3], offset + 1).await;
+    let logs: BTreeMap<u64, Vec<(i64, Bytes)>> = (1..=3).map(|id| (id, read_all(cluster.node(id), G, 0))).collect();
+    let first = &logs[&1];
+    assert!(logs.values().all(|log| log == first), "replicas disagree: {logs:?}");
+    let values: Vec<&Bytes> = first.iter().map(|(_, v)| v).collect();
+    assert_eq!(values.last().map(|v| v.as_ref()), Some(&b"g1-value-2"[..]));
+    // The entry the followers had fsynced survives: it was on a majority.
+    assert!(values.iter().any(|v| v.as_ref() == b"g1-value-1"), "{logs:?}");
+    cluster.shutdown().await;
 }

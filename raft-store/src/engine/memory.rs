@@ -77,6 +77,11 @@ impl MemEngine {
         s.visible = s.durable.clone();
     }
 
+    /// The value under `key` that a crash now would keep (what the last completed `sync_wal` covered).
+    pub fn durable(&self, cf: Cf, key: &[u8]) -> Option<Bytes> {
+        self.lock().durable[cf.index()].get(key).cloned()
+    }
+
     /// Number of completed `sync_wal` calls.
     pub fn syncs(&self) -> u64 {
         self.lock().syncs
