@@ -2,11 +2,15 @@
 
 # rocksdb's build runs bindgen, which needs libclang.
 # (libclang-cpp alone, which other packages pull in, does not count.)
-if ! compgen -G "/usr/lib/llvm-*/lib/libclang.so*" >/dev/null; then
+# The failover harness's clock faults (S8) preload libfaketime into the brokers.
+missing=()
+compgen -G "/usr/lib/llvm-*/lib/libclang.so*" >/dev/null || missing+=(libclang-dev)
+compgen -G "/usr/lib/*/faketime/libfaketimeMT.so.1" >/dev/null || missing+=(libfaketime)
+if [ "${#missing[@]}" -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq libclang-dev
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
 fi
 
 if ! command -v cargo >/dev/null; then

@@ -11,12 +11,16 @@ use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
 use crate::history::NodeLogLine;
-use crate::proxy::Proxy;
+use crate::lazyfs::{LazyMount, Lost};
+use crate::proxy::{PacketFaults, Proxy};
+use crate::scenario::DataDir;
 use crate::target::{Target, panics_in};
 
 pub struct Node {
@@ -24,6 +28,8 @@ pub struct Node {
     pub addr: SocketAddr,
     data_dir: PathBuf,
     log: PathBuf,
+    /// libfaketime's timestamp file: the node's wall-clock offset (S8).
+    clock: PathBuf,
     routes: String,
     child: Option<Child>,
     paused: bool,
@@ -43,6 +49,43 @@ pub struct LocalCluster {
     volumes: Vec<PathBuf>,
     /// Flags every broker gets besides the usual ones.
     extra_args: Vec<String>,
+    /// Data directories served by a lazy filesystem (S9), by node; unmounted when the cluster stops.
+    lazy: BTreeMap<u64, LazyMount>,
+    /// libfaketime, preloaded into every broker when the run has clock faults (S8).
+    faketime: Option<PathBuf>,
+    /// Threads strobing a node's clock, by node.
+    strobes: BTreeMap<u64, Strobe>,
+}
+
+struct Strobe {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// Where Debian and others put libfaketime's multi-threaded variant; `FLOTILLA_FAKETIME_LIB` overrides.
+const FAKETIME_LIBS: &[&str] = &[
+    "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+    "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+    "/usr/lib/faketime/libfaketimeMT.so.1",
+    "/usr/lib64/faketime/libfaketimeMT.so.1",
+];
+
+fn faketime_lib() -> anyhow::Result<PathBuf> {
+    if let Some(lib) = std::env::var_os("FLOTILLA_FAKETIME_LIB") {
+        return Ok(PathBuf::from(lib));
+    }
+    match FAKETIME_LIBS.iter().map(PathBuf::from).find(|p| p.exists()) {
+        Some(lib) => Ok(lib),
+        None => bail!("clock faults need libfaketime (Debian: apt-get install libfaketime; deploy/prereqs.sh does)"),
+    }
+}
+
+/// Writes a libfaketime offset ("+600.250" seconds) atomically: the broker may read the file at any time.
+fn write_clock(path: &Path, offset: f64) -> anyhow::Result<()> {
+    let tmp = path.with_extension("clock.tmp");
+    std::fs::write(&tmp, format!("{offset:+.3}\n"))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
 }
 
 /// The free-space floor brokers get on volumes of their own.
@@ -77,9 +120,16 @@ fn signal(pid: u32, signal: &str) -> anyhow::Result<()> {
 }
 
 impl LocalCluster {
-    /// Starts `n` nodes (at most 200) with their data under `dir`.
-    /// With `disk_bytes`, each node's data directory is a tmpfs of that size, which `fill_disk` fills.
-    pub async fn start(n: u64, dir: &Path, broker: PathBuf, disk_bytes: Option<u64>) -> anyhow::Result<LocalCluster> {
+    /// Starts `n` nodes (at most 200) with their data under `dir`, each data directory as `data_dir` says:
+    /// a tmpfs that `fill_disk` fills, or a lazy filesystem whose unfsynced writes `lose_unfsynced` drops.
+    /// With `fake_clocks`, every broker runs under libfaketime, its wall clock set through `set_clock`.
+    pub async fn start(
+        n: u64,
+        dir: &Path,
+        broker: PathBuf,
+        data_dir: DataDir,
+        fake_clocks: bool,
+    ) -> anyhow::Result<LocalCluster> {
         if !(1..=200).contains(&n) {
             bail!("--nodes must be between 1 and 200");
         }
@@ -110,6 +160,7 @@ impl LocalCluster {
                 addr,
                 data_dir: dir.join(format!("node-{id}")),
                 log: dir.join(format!("node-{id}.log")),
+                clock: dir.join(format!("node-{id}.clock")),
                 routes,
                 child: None,
                 paused: false,
@@ -125,14 +176,32 @@ impl LocalCluster {
             initial_cluster,
             volumes: Vec::new(),
             extra_args: Vec::new(),
+            lazy: BTreeMap::new(),
+            faketime: None,
+            strobes: BTreeMap::new(),
         };
-        if let Some(bytes) = disk_bytes {
-            cluster.extra_args = vec!["--min-free-bytes".into(), VOLUME_MIN_FREE.into()];
-            let dirs: Vec<PathBuf> = cluster.nodes.values().map(|n| n.data_dir.clone()).collect();
-            for dir in dirs {
-                // Recorded first: Drop unmounts whatever was mounted if a later step fails.
-                mount_volume(&dir, bytes)?;
-                cluster.volumes.push(dir);
+        if fake_clocks {
+            cluster.faketime = Some(faketime_lib()?);
+            for node in cluster.nodes.values() {
+                write_clock(&node.clock, 0.0)?;
+            }
+        }
+        match data_dir {
+            DataDir::Plain => {}
+            DataDir::Volume(bytes) => {
+                cluster.extra_args = vec!["--min-free-bytes".into(), VOLUME_MIN_FREE.into()];
+                let dirs: Vec<PathBuf> = cluster.nodes.values().map(|n| n.data_dir.clone()).collect();
+                for dir in dirs {
+                    // Recorded first: Drop unmounts whatever was mounted if a later step fails.
+                    mount_volume(&dir, bytes)?;
+                    cluster.volumes.push(dir);
+                }
+            }
+            DataDir::Lazy => {
+                for (&id, node) in &cluster.nodes {
+                    let backing = dir.join(format!("node-{id}.backing"));
+                    cluster.lazy.insert(id, LazyMount::mount(&backing, &node.data_dir)?);
+                }
             }
         }
         for id in 1..=n {
@@ -143,6 +212,13 @@ impl LocalCluster {
 
     fn node(&mut self, id: u64) -> anyhow::Result<&mut Node> {
         self.nodes.get_mut(&id).with_context(|| format!("no node {id}"))
+    }
+
+    fn stop_strobes(&mut self) {
+        for (_, strobe) in std::mem::take(&mut self.strobes) {
+            strobe.stop.store(true, Ordering::Relaxed);
+            let _ = strobe.thread.join();
+        }
     }
 
     fn unmount_volumes(&mut self) {
@@ -170,6 +246,7 @@ impl Target for LocalCluster {
         let broker = self.broker.clone();
         let cluster = self.initial_cluster.clone();
         let extra_args = self.extra_args.clone();
+        let faketime = self.faketime.clone();
         let node = self.node(id)?;
         let exited = match node.child.as_mut() {
             Some(child) => child.try_wait()?,
@@ -185,7 +262,16 @@ impl Target for LocalCluster {
             return Ok(());
         }
         let log = OpenOptions::new().create(true).append(true).open(&node.log)?;
-        let child = Command::new(&broker)
+        let mut command = Command::new(&broker);
+        if let Some(lib) = faketime {
+            // Only the wall clock is faked, re-read every second; Raft's timers run on the monotonic one.
+            command
+                .env("LD_PRELOAD", lib)
+                .env("FAKETIME_TIMESTAMP_FILE", &node.clock)
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+                .env("FAKETIME_CACHE_DURATION", "1");
+        }
+        let child = command
             .arg("--node-id")
             .arg(id.to_string())
             .arg("--data-dir")
@@ -261,6 +347,42 @@ impl Target for LocalCluster {
         Ok(())
     }
 
+    /// Delays and loses what crosses the Raft link `from` -> `to`, in its proxy.
+    fn set_packet_faults(&mut self, from: u64, to: u64, faults: PacketFaults) -> anyhow::Result<()> {
+        if let Some(p) = self.proxies.get(&(from, to)) {
+            p.set_packet_faults(faults);
+        }
+        Ok(())
+    }
+
+    fn set_clock(&mut self, id: u64, offset: f64) -> anyhow::Result<()> {
+        if self.faketime.is_none() {
+            bail!("this run's brokers were started without libfaketime: only runs with clock faults set clocks");
+        }
+        if let Some(strobe) = self.strobes.remove(&id) {
+            strobe.stop.store(true, Ordering::Relaxed);
+            let _ = strobe.thread.join();
+        }
+        write_clock(&self.node(id)?.clock, offset)
+    }
+
+    fn strobe_clock(&mut self, id: u64, offset: f64, period: Duration) -> anyhow::Result<()> {
+        self.set_clock(id, offset)?;
+        let path = self.node(id)?.clock.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut off = true;
+            while !flag.load(Ordering::Relaxed) {
+                std::thread::sleep(period);
+                off = !off;
+                let _ = write_clock(&path, if off { offset } else { 0.0 });
+            }
+        });
+        self.strobes.insert(id, Strobe { stop, thread });
+        Ok(())
+    }
+
     /// Writes a filler file into the node's volume until it is full, then gives back `leave` bytes.
     fn fill_disk(&mut self, id: u64, leave: u64) -> anyhow::Result<()> {
         let volumes = self.volumes.clone();
@@ -303,10 +425,28 @@ impl Target for LocalCluster {
         self.start_node(id)
     }
 
+    /// Drops what the node's lazy filesystem holds unfsynced. The node must have been killed (and reaped):
+    /// its last requests to the filesystem were then answered or dropped, so none lands after the loss.
+    fn lose_unfsynced(&mut self, id: u64) -> anyhow::Result<Lost> {
+        if self.node(id)?.child.is_some() {
+            bail!("node {id} is running: kill it before dropping its unfsynced writes");
+        }
+        match self.lazy.get(&id) {
+            Some(mount) => Ok(mount.lose_unfsynced()),
+            None => bail!("node {id}'s data directory is not a lazy filesystem: only S9 drops unfsynced writes"),
+        }
+    }
+
     /// Heals every link, continues every paused node and starts every stopped one.
     fn heal_all(&mut self) -> anyhow::Result<()> {
         for p in self.proxies.values() {
             p.set_cut(false);
+            p.set_packet_faults(PacketFaults::default());
+        }
+        if self.faketime.is_some() {
+            for id in self.ids() {
+                self.set_clock(id, 0.0)?;
+            }
         }
         for id in self.ids() {
             self.set_paused(id, false)?;
@@ -321,6 +461,8 @@ impl Target for LocalCluster {
             let _ = self.terminate(id, Duration::from_secs(5));
         }
         self.unmount_volumes();
+        self.lazy.clear();
+        self.stop_strobes();
     }
 
     /// Lines of the node logs that report a panic or a failed assertion, and nodes that exited on their own.
@@ -343,5 +485,8 @@ impl Drop for LocalCluster {
             }
         }
         self.unmount_volumes();
+        // Only now that no broker is left on them.
+        self.lazy.clear();
+        self.stop_strobes();
     }
 }

@@ -16,6 +16,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
+use crate::proxy::PacketFaults;
 use crate::target::Target;
 
 /// A kind of fault.
@@ -39,10 +40,21 @@ pub enum FaultKind {
     /// are left, under the brokers' free-space floor, so the node refuses produce; otherwise nothing is,
     /// so its next write fails and it stops. Freed after the hold; a stopped node is started again.
     DiskFull,
+    /// kill -9 every node at once, the node leading most partitions, or a random node (a third of the time
+    /// each), and drop every write the killed nodes had not fsynced, as a power loss would; restart after
+    /// the hold. Needs the lazy data directories of S9.
+    LoseUnfsynced,
+    /// Delay (50-500 ms, with jitter), loss (1-30%) or both on the Raft links of one node, both ways, or on
+    /// every link; cleared after the hold.
+    Packet,
+    /// Step the wall clock of one node, or of every node each by its own amount, 10 ms to 10 min either
+    /// way; a third of the time strobe it (flip between off and right every 1-3 s) instead. Put right
+    /// after the hold.
+    Clock,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 7] = [
+    pub const ALL: [FaultKind; 10] = [
         FaultKind::Kill,
         FaultKind::Term,
         FaultKind::Pause,
@@ -50,6 +62,9 @@ impl FaultKind {
         FaultKind::KillAll,
         FaultKind::Bounce,
         FaultKind::DiskFull,
+        FaultKind::LoseUnfsynced,
+        FaultKind::Packet,
+        FaultKind::Clock,
     ];
 
     pub fn name(self) -> &'static str {
@@ -61,6 +76,9 @@ impl FaultKind {
             FaultKind::KillAll => "kill-all",
             FaultKind::Bounce => "bounce",
             FaultKind::DiskFull => "disk-full",
+            FaultKind::LoseUnfsynced => "lose-unfsynced",
+            FaultKind::Packet => "packet",
+            FaultKind::Clock => "clock",
         }
     }
 }
@@ -124,6 +142,8 @@ pub enum Heal {
     Resume(Vec<u64>),
     Reconnect(Vec<(u64, u64)>),
     FreeDisk(u64),
+    CleanLinks(Vec<(u64, u64)>),
+    ResetClocks(Vec<u64>),
 }
 
 /// An injected fault: what it did, in words, and how to heal it.
@@ -206,6 +226,77 @@ pub fn inject(
             let (leave, left) = if rng.random_bool(0.5) { (4 << 20, "4 MiB left") } else { (0, "nothing left") };
             cluster.fill_disk(target, leave)?;
             Injected { description: format!("fill the disk of node {target} ({left})"), heal: Heal::FreeDisk(target) }
+        }
+        FaultKind::LoseUnfsynced => {
+            let targets = match rng.random_range(0..6) {
+                0 | 1 => ids.clone(),
+                2 | 3 => vec![leader],
+                _ => vec![random_node],
+            };
+            let mut lost = Vec::new();
+            for &id in &targets {
+                cluster.kill(id)?;
+            }
+            for &id in &targets {
+                let l = cluster.lose_unfsynced(id)?;
+                lost.push(format!("node {id}: {} KiB of {}", l.bytes / 1024, l.files.join(" ")));
+            }
+            let who = if targets.len() == n && n > 1 {
+                "every node".to_string()
+            } else {
+                format!("node {}", describe(&targets))
+            };
+            Injected {
+                description: format!("kill -9 {who} and drop unfsynced writes ({})", lost.join("; ")),
+                heal: Heal::Restart(targets),
+            }
+        }
+        FaultKind::Clock => {
+            let targets = if rng.random_bool(0.5) { vec![random_node] } else { ids.clone() };
+            let strobe = rng.random_range(0..3) == 0;
+            let mut shown = Vec::new();
+            for &id in &targets {
+                // Log-uniform over 10 ms .. 600 s, either way.
+                let magnitude = 10f64.powf(rng.random_range(-2.0..600f64.log10()));
+                let offset = if rng.random_bool(0.5) { magnitude } else { -magnitude };
+                if strobe {
+                    let period = Duration::from_millis(rng.random_range(1000..=3000));
+                    cluster.strobe_clock(id, offset, period)?;
+                    shown.push(format!("node {id} strobes {offset:+.3} s every {} ms", period.as_millis()));
+                } else {
+                    cluster.set_clock(id, offset)?;
+                    shown.push(format!("node {id} {offset:+.3} s"));
+                }
+            }
+            Injected { description: shown.join(", "), heal: Heal::ResetClocks(targets) }
+        }
+        FaultKind::Packet => {
+            let (shape, links) = if rng.random_bool(0.5) {
+                (format!("node {random_node}'s links"), cut_between(&[random_node], &ids))
+            } else {
+                let every: BTreeSet<(u64, u64)> = cut_between(&ids, &ids).into_iter().collect();
+                ("every link".to_string(), every.into_iter().collect())
+            };
+            let delay = Duration::from_millis(rng.random_range(50..=500));
+            let jitter = delay / 2;
+            let loss = rng.random_range(0.01..=0.30);
+            let faults = match rng.random_range(0..3) {
+                0 => PacketFaults { delay, jitter, loss: 0.0 },
+                1 => PacketFaults { delay: Duration::ZERO, jitter: Duration::ZERO, loss },
+                _ => PacketFaults { delay, jitter, loss },
+            };
+            for &(from, to) in &links {
+                cluster.set_packet_faults(from, to, faults)?;
+            }
+            Injected {
+                description: format!(
+                    "packets on {shape}: delay {} ms + up to {} ms jitter, loss {:.0}%",
+                    faults.delay.as_millis(),
+                    faults.jitter.as_millis(),
+                    faults.loss * 100.0
+                ),
+                heal: Heal::CleanLinks(links),
+            }
         }
         FaultKind::Pause => {
             let (shape, targets) = match rng.random_range(0..3) {
@@ -296,6 +387,10 @@ pub fn heal(cluster: &mut dyn Target, heal: &Heal) -> anyhow::Result<()> {
         Heal::Resume(ids) => ids.iter().try_for_each(|id| cluster.set_paused(*id, false)),
         Heal::Reconnect(links) => links.iter().try_for_each(|(a, b)| cluster.set_cut(*a, *b, false)),
         Heal::FreeDisk(id) => cluster.free_disk(*id),
+        Heal::ResetClocks(ids) => ids.iter().try_for_each(|id| cluster.set_clock(*id, 0.0)),
+        Heal::CleanLinks(links) => {
+            links.iter().try_for_each(|(a, b)| cluster.set_packet_faults(*a, *b, PacketFaults::default()))
+        }
     }
 }
 

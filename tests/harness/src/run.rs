@@ -19,7 +19,7 @@ use crate::compose::ComposeCluster;
 use crate::history::{self, History, OffsetsRead, Outcome, Poll, Read, SendOp};
 use crate::local::LocalCluster;
 use crate::nemesis::{self, FaultKind, Planned};
-use crate::scenario::Scenario;
+use crate::scenario::{DataDir, Scenario};
 use crate::target::Target;
 
 /// How long one operation may take before it counts as unknown.
@@ -542,12 +542,26 @@ pub async fn run(config: RunConfig) -> anyhow::Result<RunReport> {
     std::fs::create_dir_all(&config.work_dir)?;
     let cluster: Box<dyn Target> = match config.target {
         TargetKind::Local => Box::new(
-            LocalCluster::start(config.nodes, &config.work_dir, config.broker.clone(), config.scenario.disk_bytes)
-                .await?,
+            LocalCluster::start(
+                config.nodes,
+                &config.work_dir,
+                config.broker.clone(),
+                config.scenario.data_dir,
+                config.faults.contains(&FaultKind::Clock),
+            )
+            .await?,
         ),
         TargetKind::Compose => {
-            if config.scenario.disk_bytes.is_some() {
-                anyhow::bail!("{} fills disks, which only the local target can do", config.scenario.name);
+            if config.scenario.data_dir != DataDir::Plain {
+                anyhow::bail!(
+                    "{} needs data directories of its own kind ({:?}), which only the local target makes",
+                    config.scenario.name,
+                    config.scenario.data_dir
+                );
+            }
+            let local_only = [FaultKind::Packet, FaultKind::DiskFull, FaultKind::LoseUnfsynced, FaultKind::Clock];
+            if let Some(kind) = config.faults.iter().find(|k| local_only.contains(k)) {
+                anyhow::bail!("the {kind} fault runs on the local target only");
             }
             Box::new(ComposeCluster::start(config.nodes, &config.work_dir, config.seed)?)
         }

@@ -14,14 +14,24 @@ pub struct Scenario {
     pub topic_configs: &'static [(&'static str, &'static str)],
     /// Writers cut sends off mid-request and crash (S18).
     pub client_faults: bool,
-    /// Each node's data directory is a volume of its own of this many bytes, which the disk-full fault
-    /// fills (S14; local target only).
-    pub disk_bytes: Option<u64>,
+    /// What each node's data directory is.
+    pub data_dir: DataDir,
+}
+
+/// What a node's data directory is on the local target. Only `Plain` runs on compose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataDir {
+    /// A directory under the run's work directory.
+    Plain,
+    /// A tmpfs of its own of this many bytes, which the disk-full fault fills (S14).
+    Volume(u64),
+    /// A [`crate::lazyfs`] mount that holds file data until fsync, which the lose-unfsynced fault drops (S9).
+    Lazy,
 }
 
 /// A scenario of 4 partitions per topic, default topic configs, well-behaved clients.
 const fn plain(name: &'static str, title: &'static str, faults: &'static [FaultKind]) -> Scenario {
-    Scenario { name, title, faults, partitions: 4, topic_configs: &[], client_faults: false, disk_bytes: None }
+    Scenario { name, title, faults, partitions: 4, topic_configs: &[], client_faults: false, data_dir: DataDir::Plain }
 }
 
 const SCENARIOS: &[Scenario] = &[
@@ -60,11 +70,21 @@ const SCENARIOS: &[Scenario] = &[
         )
     },
     Scenario {
-        disk_bytes: Some(256 << 20),
+        data_dir: DataDir::Volume(256 << 20),
         ..plain(
             "S14",
             "disk full (ENOSPC) on a leader or a follower, under kill -9",
             &[FaultKind::DiskFull, FaultKind::Kill],
+        )
+    },
+    plain("S7", "packet faults: delay, jitter and loss on Raft links", &[FaultKind::Packet]),
+    plain("S8", "clock faults: wall clocks stepped and strobed per node (libfaketime)", &[FaultKind::Clock]),
+    Scenario {
+        data_dir: DataDir::Lazy,
+        ..plain(
+            "S9",
+            "lost unfsynced writes: kill -9 one node, or every node, and drop what it had not fsynced",
+            &[FaultKind::LoseUnfsynced],
         )
     },
     plain(
@@ -75,12 +95,7 @@ const SCENARIOS: &[Scenario] = &[
 ];
 
 /// Scenarios of FAILOVER.md that need fault primitives the harness does not have yet.
-const NOT_YET: &[(&str, &str)] = &[
-    ("S7", "packet faults need tc netem, which this kernel lacks (CONFIG_NET_SCH_NETEM is not set)"),
-    ("S8", "clock faults need libfaketime"),
-    ("S9", "losing unfsynced writes needs a lazyfs data directory"),
-    ("S15", "membership changes do not exist yet"),
-];
+const NOT_YET: &[(&str, &str)] = &[("S15", "membership changes do not exist yet")];
 
 pub fn all() -> &'static [Scenario] {
     SCENARIOS
@@ -109,8 +124,8 @@ mod tests {
     #[test]
     fn scenarios_are_found_by_name_and_missing_ones_say_why() {
         assert_eq!(find("s6").expect("S6").faults, &[FaultKind::Partition]);
-        let e = find("S9").err().expect("S9 is not runnable yet").to_string();
-        assert!(e.contains("lazyfs"), "{e}");
+        let e = find("S15").err().expect("S15 is not runnable yet").to_string();
+        assert!(e.contains("membership"), "{e}");
         assert!(find("S99").is_err());
     }
 }
