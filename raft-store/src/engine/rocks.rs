@@ -156,6 +156,9 @@ impl Engine for RocksEngine {
         let mut ro = ReadOptions::default();
         ro.set_iterate_lower_bound(from.to_vec());
         ro.set_iterate_upper_bound(to.to_vec());
+        // Seeking to the last key below the upper bound must not go through the prefix extractor: the
+        // bound's prefix is the next group's, and a prefix filter would skip files holding this one.
+        ro.set_total_order_seek(true);
         let mut it = self.db.raw_iterator_cf_opt(self.handle(cf)?, ro);
         it.seek_to_last();
         if it.valid()
