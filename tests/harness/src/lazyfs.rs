@@ -199,9 +199,9 @@ impl State {
     }
 
     fn write(&mut self, ino: u64, fh: FileHandle, offset: u64, data: &[u8]) -> Result<u32, Errno> {
-        let size = self.size(ino, fh)?;
         let end = offset.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
         let backing_len = self.file(fh)?.metadata().map_err(errno)?.len();
+        let size = self.inodes.get(&ino).ok_or(Errno::ENOENT)?.size.unwrap_or(backing_len);
         let mut fresh = Vec::new();
         {
             let inode = self.inodes.get(&ino).ok_or(Errno::ENOENT)?;
@@ -439,10 +439,14 @@ struct LazyFs {
     state: Arc<Mutex<State>>,
 }
 
+/// A panic while holding the lock can only come from a bug here; the state is still usable.
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl LazyFs {
     fn state(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock can only come from a bug here; the state is still usable.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 }
 
@@ -717,12 +721,12 @@ impl LazyMount {
 
     /// Drops every write not yet fsynced. Call it only once every process using the mount is gone.
     pub fn lose_unfsynced(&self) -> Lost {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).lose_unfsynced()
+        lock(&self.state).lose_unfsynced()
     }
 
     /// Dirty bytes held right now (whole pages).
     pub fn dirty_bytes(&self) -> u64 {
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let state = lock(&self.state);
         state.inodes.values().map(|i| i.dirty.len() as u64 * PAGE).sum()
     }
 }

@@ -62,6 +62,14 @@ struct Strobe {
     thread: std::thread::JoinHandle<()>,
 }
 
+impl Strobe {
+    /// Stops the strobing thread and waits for it: no write of the clock file comes after.
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+    }
+}
+
 /// Where Debian and others put libfaketime's multi-threaded variant; `FLOTILLA_FAKETIME_LIB` overrides.
 const FAKETIME_LIBS: &[&str] = &[
     "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
@@ -216,8 +224,7 @@ impl LocalCluster {
 
     fn stop_strobes(&mut self) {
         for (_, strobe) in std::mem::take(&mut self.strobes) {
-            strobe.stop.store(true, Ordering::Relaxed);
-            let _ = strobe.thread.join();
+            strobe.stop();
         }
     }
 
@@ -360,8 +367,7 @@ impl Target for LocalCluster {
             bail!("this run's brokers were started without libfaketime: only runs with clock faults set clocks");
         }
         if let Some(strobe) = self.strobes.remove(&id) {
-            strobe.stop.store(true, Ordering::Relaxed);
-            let _ = strobe.thread.join();
+            strobe.stop();
         }
         write_clock(&self.node(id)?.clock, offset)
     }
