@@ -15,6 +15,9 @@
 //! The session is single-threaded. A killed process's requests are either answered before it finishes
 //! exiting or dropped by the kernel unsent, so once the process is reaped none of its writes can land
 //! after the loss.
+//!
+//! The mount also plays a failing or slow disk (S14, as Redpanda's `ruinio` and `slowio`):
+//! [`LazyMount::set_faults`] makes every read, write and fsync fail with EIO, or wait a while first.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
@@ -59,8 +62,19 @@ struct Handle {
     file: Option<File>,
 }
 
+/// How the disk under a mount misbehaves; the default is a healthy disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiskFaults {
+    /// Every read, write and fsync fails with EIO.
+    pub fail: bool,
+    /// Every read, write and fsync waits this long first (the session is single-threaded, so every
+    /// request queued behind it waits too, as on a saturated device).
+    pub delay: Duration,
+}
+
 struct State {
     backing: PathBuf,
+    faults: DiskFaults,
     inodes: HashMap<u64, Inode>,
     by_path: HashMap<PathBuf, u64>,
     next_ino: u64,
@@ -448,6 +462,20 @@ impl LazyFs {
     fn state(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
     }
+
+    /// A data operation on a faulty disk: waits out the delay (without the lock, so the harness can heal
+    /// the disk meanwhile), then fails if the disk fails.
+    fn data_op(&self) -> Result<MutexGuard<'_, State>, Errno> {
+        let delay = self.state().faults.delay;
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
+        }
+        let state = self.state();
+        if state.faults.fail {
+            return Err(Errno::EIO);
+        }
+        Ok(state)
+    }
 }
 
 fn open_options(flags: i32) -> OpenOptions {
@@ -576,7 +604,7 @@ impl Filesystem for LazyFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.state().read(ino.0, fh, offset, size) {
+        match self.data_op().and_then(|state| state.read(ino.0, fh, offset, size)) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(e),
         }
@@ -594,7 +622,7 @@ impl Filesystem for LazyFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.state().write(ino.0, fh, offset, data) {
+        match self.data_op().and_then(|mut state| state.write(ino.0, fh, offset, data)) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e),
         }
@@ -621,7 +649,7 @@ impl Filesystem for LazyFs {
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        empty(reply, self.state().sync(ino.0, fh));
+        empty(reply, self.data_op().and_then(|mut state| state.sync(ino.0, fh)));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -705,6 +733,7 @@ impl LazyMount {
         inodes.insert(INodeNo::ROOT.0, Inode { path: PathBuf::new(), dirty: BTreeMap::new(), size: None });
         let state = Arc::new(Mutex::new(State {
             backing: backing.canonicalize()?,
+            faults: DiskFaults::default(),
             inodes,
             by_path: HashMap::from([(PathBuf::new(), INodeNo::ROOT.0)]),
             next_ino: INodeNo::ROOT.0 + 1,
@@ -722,6 +751,11 @@ impl LazyMount {
     /// Drops every write not yet fsynced. Call it only once every process using the mount is gone.
     pub fn lose_unfsynced(&self) -> Lost {
         lock(&self.state).lose_unfsynced()
+    }
+
+    /// Makes the disk fail or slow down from the next request on; `DiskFaults::default()` heals it.
+    pub fn set_faults(&self, faults: DiskFaults) {
+        lock(&self.state).faults = faults;
     }
 
     /// Dirty bytes held right now (whole pages).
@@ -796,6 +830,30 @@ mod tests {
         assert_eq!(names, ["000001.log", "CURRENT", "never-synced"]);
         let free = rustix::fs::statvfs(&mnt).expect("statvfs");
         assert!(free.f_blocks > 0, "statfs passes the backing volume through");
+    }
+
+    #[test]
+    fn a_failing_disk_answers_eio_and_a_slow_one_answers_late_until_healed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let Some(fs) = mount(dir.path()) else { return };
+        let path = dir.path().join("mnt/wal");
+        let mut f = OpenOptions::new().create(true).append(true).open(&path).expect("create");
+        f.write_all(b"before").expect("write");
+        fs.set_faults(DiskFaults { fail: true, delay: Duration::ZERO });
+        let e = f.write_all(b"during").expect_err("a failing disk refuses writes");
+        assert_eq!(e.raw_os_error(), Some(5), "{e}");
+        assert_eq!(f.sync_all().expect_err("and fsyncs").raw_os_error(), Some(5));
+        assert!(File::open(&path).expect("open is metadata").read_to_end(&mut Vec::new()).is_err(), "and reads");
+
+        let delay = Duration::from_millis(300);
+        fs.set_faults(DiskFaults { fail: false, delay });
+        let started = std::time::Instant::now();
+        f.write_all(b"after").expect("a slow disk still writes");
+        f.sync_all().expect("fsync");
+        assert!(started.elapsed() >= 2 * delay, "write and fsync each wait: {:?}", started.elapsed());
+
+        fs.set_faults(DiskFaults::default());
+        assert_eq!(read(&path), b"beforeafter");
     }
 
     #[test]
