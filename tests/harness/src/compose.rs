@@ -8,20 +8,37 @@
 //! port: the connections A dials to B stall, as with the local target's proxies. Clients on the host
 //! reach the containers' addresses over the docker bridge. Only this run's containers, network and
 //! volumes are touched, and `stop_all` removes them.
+//!
+//! Faults the kernel or the `FROM scratch` image cannot play inside a container are played from the host:
+//! - packet faults (S7): this kernel has no `tc netem`, so a run with packet faults routes every Raft link
+//!   `A -> B` (`FLOTILLA_RAFT_PEER_ROUTES`) through a [`Proxy`] of the harness listening on the network's
+//!   gateway address, which delays and loses what crosses it and also cuts the link;
+//! - data directories of other kinds (S9, S14): the lazy filesystem and the small volume are made on the
+//!   host ([`DataDirs`]) and bind-mounted at `/data`;
+//! - clocks (S8): the host's libfaketime and each node's clock directory are bind-mounted read-only and
+//!   preloaded, as on the local target.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 
 use crate::history::NodeLogLine;
-use crate::target::{Target, panics_in};
+use crate::host::{CLOCK_FILE, DataDirs, FakeClocks, faketime_env};
+use crate::lazyfs::{DiskFaults, Lost};
+use crate::proxy::{PacketFaults, Proxy};
+use crate::scenario::DataDir;
+use crate::target::{Setup, Target, panics_in};
 
 /// The image `deploy/build-image.sh` builds.
 pub const IMAGE: &str = "flotilla:latest";
 const PORT: u16 = 9401;
+/// Where the host's libfaketime and a node's clock directory appear inside its container.
+const FAKETIME_IN_CONTAINER: &str = "/usr/lib/faketime/libfaketimeMT.so.1";
+const CLOCK_IN_CONTAINER: &str = "/run/flotilla-clock";
 
 pub struct ComposeCluster {
     project: String,
@@ -35,6 +52,13 @@ pub struct ComposeCluster {
     paused: BTreeSet<u64>,
     /// Cut links (from, to), whether or not `from` is running now (re-applied when it starts).
     cuts: BTreeSet<(u64, u64)>,
+    /// The proxy of each Raft link, in runs with packet faults; their links are cut there, not by iptables.
+    proxies: BTreeMap<(u64, u64), Proxy>,
+    /// Data directories made on the host and bind-mounted; `None` for the deployment's named volumes.
+    dirs: Option<DataDirs>,
+    clocks: Option<FakeClocks>,
+    /// When each node's disk was filled or failed (seconds since the epoch, as `docker logs --since` takes).
+    disk_fault_at: BTreeMap<u64, f64>,
     unexpected_exits: Vec<NodeLogLine>,
     /// Each node's log, saved before the containers are removed.
     saved_logs: BTreeMap<u64, String>,
@@ -65,39 +89,67 @@ fn compose_command() -> anyhow::Result<Vec<String>> {
     bail!("neither `docker compose` nor docker-compose is installed")
 }
 
-/// The compose file of `n` nodes on `subnet` (`a.b.c`), project `project`.
-pub fn compose_file(project: &str, subnet: &str, n: u64) -> String {
-    let initial: Vec<String> = (1..=n).map(|id| format!("{id}={subnet}.{}:{PORT}", 10 + id)).collect();
+/// What one node's container gets besides the common settings.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct NodeSpec {
+    /// Bind mounts (`host:container[:ro]`); with none for `/data`, the node gets a named volume there.
+    pub mounts: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+/// A YAML double-quoted string.
+fn quoted(s: &str) -> String {
+    format!("{s:?}")
+}
+
+/// The compose file of one node per `specs` entry on `subnet` (`a.b.c`), project `project`.
+pub fn compose_file(project: &str, subnet: &str, specs: &BTreeMap<u64, NodeSpec>) -> String {
+    let initial: Vec<String> = specs.keys().map(|id| format!("{id}={subnet}.{}:{PORT}", 10 + id)).collect();
     let mut out = String::from("# Written by flotilla-harness for one run; removed with the run.\nservices:\n");
-    for id in 1..=n {
+    let mut named = Vec::new();
+    for (id, spec) in specs {
         let ip = format!("{subnet}.{}", 10 + id);
+        let mut env = vec![
+            ("FLOTILLA_NODE_ID".to_string(), id.to_string()),
+            ("FLOTILLA_DATA_DIR".into(), "/data".into()),
+            ("FLOTILLA_LISTEN".into(), format!("{ip}:{PORT}")),
+            ("FLOTILLA_INITIAL_CLUSTER".into(), initial.join(",")),
+            ("FLOTILLA_RETENTION_CHECK_INTERVAL_MS".into(), "1000".into()),
+        ];
+        env.extend(spec.env.iter().cloned());
+        let mut mounts: Vec<String> = spec.mounts.iter().map(|m| quoted(m)).collect();
+        if !spec.mounts.iter().any(|m| m.split(':').nth(1) == Some("/data")) {
+            mounts.insert(0, quoted(&format!("node{id}-data:/data")));
+            named.push(*id);
+        }
         out.push_str(&format!(
-            r#"  node{id}:
-    image: {IMAGE}
-    container_name: {project}-node{id}
-    restart: "no"
-    environment:
-      FLOTILLA_NODE_ID: "{id}"
-      FLOTILLA_DATA_DIR: /data
-      FLOTILLA_LISTEN: "{ip}:{PORT}"
-      FLOTILLA_INITIAL_CLUSTER: "{initial}"
-      FLOTILLA_RETENTION_CHECK_INTERVAL_MS: "1000"
-    networks: {{ net: {{ ipv4_address: {ip} }} }}
-    volumes: ["node{id}-data:/data"]
-"#,
-            initial = initial.join(",")
+            "  node{id}:\n    image: {IMAGE}\n    container_name: {project}-node{id}\n    restart: \"no\"\n    environment:\n"
+        ));
+        for (k, v) in env {
+            out.push_str(&format!("      {k}: {}\n", quoted(&v)));
+        }
+        out.push_str(&format!(
+            "    networks: {{ net: {{ ipv4_address: {ip} }} }}\n    volumes: [{}]\n",
+            mounts.join(", ")
         ));
     }
-    out.push_str(&format!("networks:\n  net:\n    ipam:\n      config: [{{ subnet: {subnet}.0/24 }}]\nvolumes:\n"));
-    for id in 1..=n {
-        out.push_str(&format!("  node{id}-data:\n"));
+    out.push_str(&format!("networks:\n  net:\n    ipam:\n      config: [{{ subnet: {subnet}.0/24 }}]\n"));
+    if !named.is_empty() {
+        out.push_str("volumes:\n");
+        for id in named {
+            out.push_str(&format!("  node{id}-data:\n"));
+        }
     }
     out
 }
 
+fn now_secs() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
 impl ComposeCluster {
-    /// Writes the compose file under `dir` and starts `n` nodes (at most 200).
-    pub fn start(n: u64, dir: &Path, seed: u64) -> anyhow::Result<ComposeCluster> {
+    /// Writes the compose file under `dir` and starts `n` nodes (at most 200), with what `setup` asks for.
+    pub async fn start(n: u64, dir: &Path, seed: u64, setup: Setup) -> anyhow::Result<ComposeCluster> {
         if !(1..=200).contains(&n) {
             bail!("--nodes must be between 1 and 200");
         }
@@ -110,10 +162,49 @@ impl ComposeCluster {
         let project = format!("flotilla-h{}-{pid}", seed % 100_000);
         // A /24 of 10.231.0.0/16 chosen by the run, away from docker's default pools.
         let subnet = format!("10.231.{}", (seed ^ pid) % 250 + 1);
+        let ids: Vec<u64> = (1..=n).collect();
+        let ips: BTreeMap<u64, String> = ids.iter().map(|&id| (id, format!("{subnet}.{}", 10 + id))).collect();
+        let dirs = match setup.data_dir {
+            DataDir::Plain => None,
+            kind => Some(DataDirs::make(kind, dir, ids.iter().copied())?),
+        };
+        let clocks = if setup.fake_clocks { Some(FakeClocks::make(dir, ids.iter().copied())?) } else { None };
+        let gateway: IpAddr = format!("{subnet}.1").parse()?;
+        // Proxy ports are picked before the network (and so the gateway address) exists: free on loopback.
+        let mut links = BTreeMap::new();
+        if setup.packet_faults {
+            for &from in &ids {
+                for &to in ids.iter().filter(|&&to| to != from) {
+                    let port = flotilla_cli::unused_port(IpAddr::from([127, 0, 0, 1]))?;
+                    links.insert((from, to), SocketAddr::new(gateway, port));
+                }
+            }
+        }
+        let mut specs = BTreeMap::new();
+        for &id in &ids {
+            let mut spec = NodeSpec::default();
+            if let Some(dirs) = &dirs {
+                spec.mounts.push(format!("{}:/data", dirs.path(id)?.display()));
+                spec.env.extend(dirs.broker_env().into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())));
+            }
+            if let Some(clocks) = &clocks {
+                spec.mounts.push(format!("{}:{FAKETIME_IN_CONTAINER}:ro", clocks.lib().display()));
+                spec.mounts.push(format!("{}:{CLOCK_IN_CONTAINER}:ro", clocks.dir(id)?.display()));
+                let file = Path::new(CLOCK_IN_CONTAINER).join(CLOCK_FILE);
+                spec.env.extend(
+                    faketime_env(Path::new(FAKETIME_IN_CONTAINER), &file).into_iter().map(|(k, v)| (k.to_owned(), v)),
+                );
+            }
+            let routes: Vec<String> =
+                links.iter().filter(|((from, _), _)| *from == id).map(|((_, to), a)| format!("{to}={a}")).collect();
+            if !routes.is_empty() {
+                spec.env.push(("FLOTILLA_RAFT_PEER_ROUTES".into(), routes.join(",")));
+            }
+            specs.insert(id, spec);
+        }
         let file = dir.join("docker-compose.yml");
-        std::fs::write(&file, compose_file(&project, &subnet, n))?;
-        let ips = (1..=n).map(|id| (id, format!("{subnet}.{}", 10 + id))).collect();
-        let cluster = ComposeCluster {
+        std::fs::write(&file, compose_file(&project, &subnet, &specs))?;
+        let mut cluster = ComposeCluster {
             project,
             file,
             dir: dir.to_path_buf(),
@@ -122,11 +213,24 @@ impl ComposeCluster {
             down: BTreeSet::new(),
             paused: BTreeSet::new(),
             cuts: BTreeSet::new(),
+            proxies: BTreeMap::new(),
+            dirs,
+            clocks,
+            disk_fault_at: BTreeMap::new(),
             unexpected_exits: Vec::new(),
             saved_logs: BTreeMap::new(),
             stopped: false,
         };
-        cluster.compose(&["up", "-d"]).context("starting the compose stack")?;
+        // The network first, so the proxies can listen on its gateway; then the nodes.
+        cluster.compose(&["up", "--no-start"]).context("creating the compose stack")?;
+        for (&(from, to), &listen) in &links {
+            let target: SocketAddr = format!("{}:{PORT}", cluster.ip(to)?).parse()?;
+            let proxy = Proxy::start(listen, target)
+                .await
+                .with_context(|| format!("cannot listen on {listen} for the Raft link {from}->{to}"))?;
+            cluster.proxies.insert((from, to), proxy);
+        }
+        cluster.compose(&["start"]).context("starting the compose stack")?;
         Ok(cluster)
     }
 
@@ -164,6 +268,10 @@ impl ComposeCluster {
             "DROP",
         ]))?;
         Ok(())
+    }
+
+    fn dirs(&self) -> anyhow::Result<&DataDirs> {
+        self.dirs.as_ref().context("this run's nodes keep their data on named volumes: only S9 and S14 make their own")
     }
 
     fn running(&self, id: u64) -> anyhow::Result<bool> {
@@ -252,6 +360,10 @@ impl Target for ComposeCluster {
     }
 
     fn set_cut(&mut self, from: u64, to: u64, cut: bool) -> anyhow::Result<()> {
+        if let Some(proxy) = self.proxies.get(&(from, to)) {
+            proxy.set_cut(cut);
+            return Ok(());
+        }
         if cut && self.cuts.insert((from, to)) {
             self.iptables(from, to, "-A")?;
         } else if !cut && self.cuts.remove(&(from, to)) {
@@ -260,9 +372,71 @@ impl Target for ComposeCluster {
         Ok(())
     }
 
+    fn set_packet_faults(&mut self, from: u64, to: u64, faults: PacketFaults) -> anyhow::Result<()> {
+        match self.proxies.get(&(from, to)) {
+            Some(proxy) => {
+                proxy.set_packet_faults(faults);
+                Ok(())
+            }
+            None => {
+                bail!("the Raft link {from}->{to} has no proxy: only runs with packet faults route links through one")
+            }
+        }
+    }
+
+    fn set_clock(&mut self, id: u64, offset: f64) -> anyhow::Result<()> {
+        FakeClocks::of(&mut self.clocks)?.set(id, offset)
+    }
+
+    fn strobe_clock(&mut self, id: u64, offset: f64, period: Duration) -> anyhow::Result<()> {
+        FakeClocks::of(&mut self.clocks)?.strobe(id, offset, period)
+    }
+
+    fn fill_disk(&mut self, id: u64, leave: u64) -> anyhow::Result<()> {
+        self.disk_fault_at.entry(id).or_insert_with(now_secs);
+        self.dirs()?.fill(id, leave)
+    }
+
+    fn set_disk_faults(&mut self, id: u64, faults: DiskFaults) -> anyhow::Result<()> {
+        self.disk_fault_at.entry(id).or_insert_with(now_secs);
+        self.dirs()?.set_faults(id, faults)
+    }
+
+    /// Puts the disk right; a node that exited on a storage failure since the fault is started again.
+    fn heal_disk(&mut self, id: u64) -> anyhow::Result<()> {
+        self.dirs()?.heal(id)?;
+        let since = self.disk_fault_at.remove(&id).unwrap_or(0.0);
+        if !self.down.contains(&id) && !self.running(id)? {
+            let out =
+                run(Command::new("docker").args(["logs", "--since", &format!("{since:.3}"), &self.container(id)]))?;
+            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            if text.contains("storage failed") {
+                self.down.insert(id);
+            }
+        }
+        self.start_node(id)
+    }
+
+    /// Drops what the node's lazy filesystem holds unfsynced, once its container has stopped.
+    fn lose_unfsynced(&mut self, id: u64) -> anyhow::Result<Lost> {
+        if self.running(id)? {
+            bail!("node {id} is running: kill it before dropping its unfsynced writes");
+        }
+        // The container's process is gone and reaped once `docker wait` returns.
+        docker(&["wait", &self.container(id)])?;
+        self.dirs()?.lose_unfsynced(id)
+    }
+
     fn heal_all(&mut self) -> anyhow::Result<()> {
         for (from, to) in std::mem::take(&mut self.cuts) {
             self.iptables(from, to, "-D")?;
+        }
+        for proxy in self.proxies.values() {
+            proxy.set_cut(false);
+            proxy.set_packet_faults(PacketFaults::default());
+        }
+        if let Some(clocks) = &mut self.clocks {
+            clocks.reset_all()?;
         }
         for id in self.ids() {
             self.unpause(id)?;
@@ -283,6 +457,12 @@ impl Target for ComposeCluster {
         if let Err(e) = self.compose(&["down", "--volumes"]) {
             eprintln!("flotilla-harness: could not remove compose project {}: {e:#}", self.project);
         }
+        // Only now that no container uses them.
+        if let Some(dirs) = &mut self.dirs {
+            dirs.release();
+        }
+        self.clocks = None;
+        self.proxies.clear();
         self.stopped = true;
     }
 
@@ -307,13 +487,29 @@ mod tests {
 
     #[test]
     fn the_compose_file_gives_every_node_its_address_volume_and_the_whole_initial_cluster() {
-        let file = compose_file("p", "10.231.7", 3);
+        let mut specs: BTreeMap<u64, NodeSpec> = (1..=3).map(|id| (id, NodeSpec::default())).collect();
+        let file = compose_file("p", "10.231.7", &specs);
         for id in 1..=3 {
             assert!(file.contains(&format!("container_name: p-node{id}")), "{file}");
             assert!(file.contains(&format!("ipv4_address: 10.231.7.{}", 10 + id)), "{file}");
-            assert!(file.contains(&format!("node{id}-data:/data")), "{file}");
+            assert!(file.contains(&format!("\"node{id}-data:/data\"")), "{file}");
+            assert!(file.contains(&format!("  node{id}-data:\n")), "{file}");
         }
-        assert!(file.contains("1=10.231.7.11:9401,2=10.231.7.12:9401,3=10.231.7.13:9401"), "{file}");
+        assert!(file.contains("\"1=10.231.7.11:9401,2=10.231.7.12:9401,3=10.231.7.13:9401\""), "{file}");
         assert!(file.contains("subnet: 10.231.7.0/24"), "{file}");
+
+        // A node whose data directory the harness made gets it bind-mounted instead of a named volume.
+        specs.insert(
+            2,
+            NodeSpec {
+                mounts: vec!["/w/node-2:/data".into(), "/lib/ft.so:/usr/lib/ft.so:ro".into()],
+                env: vec![("LD_PRELOAD".into(), "/usr/lib/ft.so".into())],
+            },
+        );
+        let file = compose_file("p", "10.231.7", &specs);
+        assert!(file.contains("volumes: [\"/w/node-2:/data\", \"/lib/ft.so:/usr/lib/ft.so:ro\"]"), "{file}");
+        assert!(file.contains("LD_PRELOAD: \"/usr/lib/ft.so\""), "{file}");
+        assert!(!file.contains("node2-data"), "{file}");
+        assert!(file.contains("  node1-data:\n"), "{file}");
     }
 }

@@ -4,6 +4,7 @@
 pub mod checker;
 pub mod compose;
 pub mod history;
+pub mod host;
 pub mod lazyfs;
 pub mod local;
 pub mod nemesis;

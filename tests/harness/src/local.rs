@@ -7,35 +7,29 @@
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
-use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
 use crate::history::NodeLogLine;
-use crate::lazyfs::{LazyMount, Lost};
+use crate::host::{CLOCK_FILE, DataDirs, FakeClocks, faketime_env};
+use crate::lazyfs::{DiskFaults, Lost};
 use crate::proxy::{PacketFaults, Proxy};
-use crate::scenario::DataDir;
-use crate::target::{Target, panics_in};
+use crate::target::{Setup, Target, panics_in};
 
 pub struct Node {
     pub id: u64,
     pub addr: SocketAddr,
-    data_dir: PathBuf,
     log: PathBuf,
-    /// libfaketime's timestamp file: the node's wall-clock offset (S8).
-    clock: PathBuf,
     routes: String,
     child: Option<Child>,
     paused: bool,
-    /// Where the node's log stood when its disk was filled: an exit on a storage failure logged after it
-    /// is the expected end of a node with a full disk, not an unexpected exit.
-    filled_at: Option<u64>,
+    /// Where the node's log stood when its disk was filled or failed: an exit on a storage failure logged
+    /// after it is the expected end of a node whose disk gave out, not an unexpected exit.
+    disk_fault_at: Option<u64>,
 }
 
 pub struct LocalCluster {
@@ -45,73 +39,9 @@ pub struct LocalCluster {
     unexpected_exits: Vec<NodeLogLine>,
     broker: PathBuf,
     initial_cluster: String,
-    /// Data directories mounted as volumes of their own (S14), unmounted when the cluster stops.
-    volumes: Vec<PathBuf>,
-    /// Flags every broker gets besides the usual ones.
-    extra_args: Vec<String>,
-    /// Data directories served by a lazy filesystem (S9), by node; unmounted when the cluster stops.
-    lazy: BTreeMap<u64, LazyMount>,
-    /// libfaketime, preloaded into every broker when the run has clock faults (S8).
-    faketime: Option<PathBuf>,
-    /// Threads strobing a node's clock, by node.
-    strobes: BTreeMap<u64, Strobe>,
-}
-
-struct Strobe {
-    stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl Strobe {
-    /// Stops the strobing thread and waits for it: no write of the clock file comes after.
-    fn stop(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.thread.join();
-    }
-}
-
-/// Where Debian and others put libfaketime's multi-threaded variant; `FLOTILLA_FAKETIME_LIB` overrides.
-const FAKETIME_LIBS: &[&str] = &[
-    "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
-    "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
-    "/usr/lib/faketime/libfaketimeMT.so.1",
-    "/usr/lib64/faketime/libfaketimeMT.so.1",
-];
-
-fn faketime_lib() -> anyhow::Result<PathBuf> {
-    if let Some(lib) = std::env::var_os("FLOTILLA_FAKETIME_LIB") {
-        return Ok(PathBuf::from(lib));
-    }
-    match FAKETIME_LIBS.iter().map(PathBuf::from).find(|p| p.exists()) {
-        Some(lib) => Ok(lib),
-        None => bail!("clock faults need libfaketime (Debian: apt-get install libfaketime; deploy/prereqs.sh does)"),
-    }
-}
-
-/// Writes a libfaketime offset ("+600.250" seconds) atomically: the broker may read the file at any time.
-fn write_clock(path: &Path, offset: f64) -> anyhow::Result<()> {
-    let tmp = path.with_extension("clock.tmp");
-    std::fs::write(&tmp, format!("{offset:+.3}\n"))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
-}
-
-/// The free-space floor brokers get on volumes of their own.
-const VOLUME_MIN_FREE: &str = "32MiB";
-const FILLER: &str = "harness-filler";
-
-/// Mounts a tmpfs of `bytes` on `dir`.
-fn mount_volume(dir: &Path, bytes: u64) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let status = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "flotilla-harness"])
-        .arg(dir)
-        .status()
-        .context("running mount")?;
-    if !status.success() {
-        bail!("cannot mount a {bytes}-byte tmpfs on {} (scenarios that fill disks need root)", dir.display());
-    }
-    Ok(())
+    dirs: DataDirs,
+    /// The nodes' fake wall clocks, when the run has clock faults (S8).
+    clocks: Option<FakeClocks>,
 }
 
 fn node_ip(id: u64) -> IpAddr {
@@ -128,16 +58,9 @@ fn signal(pid: u32, signal: &str) -> anyhow::Result<()> {
 }
 
 impl LocalCluster {
-    /// Starts `n` nodes (at most 200) with their data under `dir`, each data directory as `data_dir` says:
-    /// a tmpfs that `fill_disk` fills, or a lazy filesystem whose unfsynced writes `lose_unfsynced` drops.
-    /// With `fake_clocks`, every broker runs under libfaketime, its wall clock set through `set_clock`.
-    pub async fn start(
-        n: u64,
-        dir: &Path,
-        broker: PathBuf,
-        data_dir: DataDir,
-        fake_clocks: bool,
-    ) -> anyhow::Result<LocalCluster> {
+    /// Starts `n` nodes (at most 200) with their data under `dir`, each data directory of the kind
+    /// `setup` names, and every broker under libfaketime if it asks for fake clocks.
+    pub async fn start(n: u64, dir: &Path, broker: PathBuf, setup: Setup) -> anyhow::Result<LocalCluster> {
         if !(1..=200).contains(&n) {
             bail!("--nodes must be between 1 and 200");
         }
@@ -166,52 +89,18 @@ impl LocalCluster {
             let node = Node {
                 id,
                 addr,
-                data_dir: dir.join(format!("node-{id}")),
                 log: dir.join(format!("node-{id}.log")),
-                clock: dir.join(format!("node-{id}.clock")),
                 routes,
                 child: None,
                 paused: false,
-                filled_at: None,
+                disk_fault_at: None,
             };
             nodes.insert(id, node);
         }
-        let mut cluster = LocalCluster {
-            nodes,
-            proxies,
-            unexpected_exits: Vec::new(),
-            broker,
-            initial_cluster,
-            volumes: Vec::new(),
-            extra_args: Vec::new(),
-            lazy: BTreeMap::new(),
-            faketime: None,
-            strobes: BTreeMap::new(),
-        };
-        if fake_clocks {
-            cluster.faketime = Some(faketime_lib()?);
-            for node in cluster.nodes.values() {
-                write_clock(&node.clock, 0.0)?;
-            }
-        }
-        match data_dir {
-            DataDir::Plain => {}
-            DataDir::Volume(bytes) => {
-                cluster.extra_args = vec!["--min-free-bytes".into(), VOLUME_MIN_FREE.into()];
-                let dirs: Vec<PathBuf> = cluster.nodes.values().map(|n| n.data_dir.clone()).collect();
-                for dir in dirs {
-                    // Recorded first: Drop unmounts whatever was mounted if a later step fails.
-                    mount_volume(&dir, bytes)?;
-                    cluster.volumes.push(dir);
-                }
-            }
-            DataDir::Lazy => {
-                for (&id, node) in &cluster.nodes {
-                    let backing = dir.join(format!("node-{id}.backing"));
-                    cluster.lazy.insert(id, LazyMount::mount(&backing, &node.data_dir)?);
-                }
-            }
-        }
+        let dirs = DataDirs::make(setup.data_dir, dir, addrs.keys().copied())?;
+        let clocks = if setup.fake_clocks { Some(FakeClocks::make(dir, addrs.keys().copied())?) } else { None };
+        let mut cluster =
+            LocalCluster { nodes, proxies, unexpected_exits: Vec::new(), broker, initial_cluster, dirs, clocks };
         for id in 1..=n {
             cluster.start_node(id)?;
         }
@@ -222,16 +111,13 @@ impl LocalCluster {
         self.nodes.get_mut(&id).with_context(|| format!("no node {id}"))
     }
 
-    fn stop_strobes(&mut self) {
-        for (_, strobe) in std::mem::take(&mut self.strobes) {
-            strobe.stop();
+    /// Notes where node `id`'s log stands as its disk gives out.
+    fn mark_disk_fault(&mut self, id: u64) -> anyhow::Result<()> {
+        let node = self.node(id)?;
+        if node.disk_fault_at.is_none() {
+            node.disk_fault_at = Some(std::fs::metadata(&node.log).map_or(0, |m| m.len()));
         }
-    }
-
-    fn unmount_volumes(&mut self) {
-        for dir in self.volumes.drain(..) {
-            let _ = Command::new("umount").arg("-l").arg(&dir).status();
-        }
+        Ok(())
     }
 }
 
@@ -252,8 +138,11 @@ impl Target for LocalCluster {
     fn start_node(&mut self, id: u64) -> anyhow::Result<()> {
         let broker = self.broker.clone();
         let cluster = self.initial_cluster.clone();
-        let extra_args = self.extra_args.clone();
-        let faketime = self.faketime.clone();
+        let data_dir = self.dirs.path(id)?.to_path_buf();
+        let mut env: Vec<(&str, String)> = self.dirs.broker_env().into_iter().map(|(k, v)| (k, v.to_owned())).collect();
+        if let Some(clocks) = &self.clocks {
+            env.extend(faketime_env(clocks.lib(), &clocks.dir(id)?.join(CLOCK_FILE)));
+        }
         let node = self.node(id)?;
         let exited = match node.child.as_mut() {
             Some(child) => child.try_wait()?,
@@ -269,20 +158,12 @@ impl Target for LocalCluster {
             return Ok(());
         }
         let log = OpenOptions::new().create(true).append(true).open(&node.log)?;
-        let mut command = Command::new(&broker);
-        if let Some(lib) = faketime {
-            // Only the wall clock is faked, re-read every second; Raft's timers run on the monotonic one.
-            command
-                .env("LD_PRELOAD", lib)
-                .env("FAKETIME_TIMESTAMP_FILE", &node.clock)
-                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
-                .env("FAKETIME_CACHE_DURATION", "1");
-        }
-        let child = command
+        let child = Command::new(&broker)
+            .envs(env)
             .arg("--node-id")
             .arg(id.to_string())
             .arg("--data-dir")
-            .arg(&node.data_dir)
+            .arg(&data_dir)
             .arg("--listen")
             .arg(node.addr.to_string())
             .arg("--initial-cluster")
@@ -291,7 +172,6 @@ impl Target for LocalCluster {
             .arg(&node.routes)
             // Scenarios with retention (S17) want cuts often; without retention configs a pass is cheap.
             .args(["--retention-check-interval-ms", "1000"])
-            .args(&extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -363,61 +243,28 @@ impl Target for LocalCluster {
     }
 
     fn set_clock(&mut self, id: u64, offset: f64) -> anyhow::Result<()> {
-        if self.faketime.is_none() {
-            bail!("this run's brokers were started without libfaketime: only runs with clock faults set clocks");
-        }
-        if let Some(strobe) = self.strobes.remove(&id) {
-            strobe.stop();
-        }
-        write_clock(&self.node(id)?.clock, offset)
+        FakeClocks::of(&mut self.clocks)?.set(id, offset)
     }
 
     fn strobe_clock(&mut self, id: u64, offset: f64, period: Duration) -> anyhow::Result<()> {
-        self.set_clock(id, offset)?;
-        let path = self.node(id)?.clock.clone();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut off = true;
-            while !flag.load(Ordering::Relaxed) {
-                std::thread::sleep(period);
-                off = !off;
-                let _ = write_clock(&path, if off { offset } else { 0.0 });
-            }
-        });
-        self.strobes.insert(id, Strobe { stop, thread });
-        Ok(())
+        FakeClocks::of(&mut self.clocks)?.strobe(id, offset, period)
     }
 
-    /// Writes a filler file into the node's volume until it is full, then gives back `leave` bytes.
     fn fill_disk(&mut self, id: u64, leave: u64) -> anyhow::Result<()> {
-        let volumes = self.volumes.clone();
-        let node = self.node(id)?;
-        if !volumes.contains(&node.data_dir) {
-            bail!("node {id}'s data directory is not a volume of its own: only S14 fills disks");
-        }
-        node.filled_at = Some(std::fs::metadata(&node.log).map_or(0, |m| m.len()));
-        let path = node.data_dir.join(FILLER);
-        let mut filler = OpenOptions::new().create(true).append(true).open(&path)?;
-        let chunk = vec![0u8; 1 << 20];
-        loop {
-            match filler.write_all(&chunk) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::StorageFull => break,
-                Err(e) => return Err(e).with_context(|| format!("filling {}", path.display())),
-            }
-        }
-        let len = filler.metadata()?.len();
-        filler.set_len(len.saturating_sub(leave))?;
-        Ok(())
+        self.mark_disk_fault(id)?;
+        self.dirs.fill(id, leave)
     }
 
-    /// Removes the filler; a node that exited on the storage failure since is started again.
-    fn free_disk(&mut self, id: u64) -> anyhow::Result<()> {
+    fn set_disk_faults(&mut self, id: u64, faults: DiskFaults) -> anyhow::Result<()> {
+        self.mark_disk_fault(id)?;
+        self.dirs.set_faults(id, faults)
+    }
+
+    /// Puts the disk right; a node that exited on a storage failure since the fault is started again.
+    fn heal_disk(&mut self, id: u64) -> anyhow::Result<()> {
+        self.dirs.heal(id)?;
         let node = self.node(id)?;
-        let path = node.data_dir.join(FILLER);
-        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
-        let since = node.filled_at.take().unwrap_or(0);
+        let since = node.disk_fault_at.take().unwrap_or(0);
         if let Some(child) = node.child.as_mut()
             && child.try_wait()?.is_some()
         {
@@ -431,16 +278,12 @@ impl Target for LocalCluster {
         self.start_node(id)
     }
 
-    /// Drops what the node's lazy filesystem holds unfsynced. The node must have been killed (and reaped):
-    /// its last requests to the filesystem were then answered or dropped, so none lands after the loss.
+    /// Drops what the node's lazy filesystem holds unfsynced. The node must have been killed (and reaped).
     fn lose_unfsynced(&mut self, id: u64) -> anyhow::Result<Lost> {
         if self.node(id)?.child.is_some() {
             bail!("node {id} is running: kill it before dropping its unfsynced writes");
         }
-        match self.lazy.get(&id) {
-            Some(mount) => Ok(mount.lose_unfsynced()),
-            None => bail!("node {id}'s data directory is not a lazy filesystem: only S9 drops unfsynced writes"),
-        }
+        self.dirs.lose_unfsynced(id)
     }
 
     /// Heals every link, continues every paused node and starts every stopped one.
@@ -449,10 +292,8 @@ impl Target for LocalCluster {
             p.set_cut(false);
             p.set_packet_faults(PacketFaults::default());
         }
-        if self.faketime.is_some() {
-            for id in self.ids() {
-                self.set_clock(id, 0.0)?;
-            }
+        if let Some(clocks) = &mut self.clocks {
+            clocks.reset_all()?;
         }
         for id in self.ids() {
             self.set_paused(id, false)?;
@@ -466,9 +307,8 @@ impl Target for LocalCluster {
         for id in self.ids() {
             let _ = self.terminate(id, Duration::from_secs(5));
         }
-        self.unmount_volumes();
-        self.lazy.clear();
-        self.stop_strobes();
+        self.dirs.release();
+        self.clocks = None;
     }
 
     /// Lines of the node logs that report a panic or a failed assertion, and nodes that exited on their own.
@@ -490,9 +330,7 @@ impl Drop for LocalCluster {
                 let _ = child.wait();
             }
         }
-        self.unmount_volumes();
         // Only now that no broker is left on them.
-        self.lazy.clear();
-        self.stop_strobes();
+        self.dirs.release();
     }
 }

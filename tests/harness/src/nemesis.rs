@@ -16,6 +16,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
+use crate::lazyfs::DiskFaults;
 use crate::proxy::PacketFaults;
 use crate::target::Target;
 
@@ -40,6 +41,12 @@ pub enum FaultKind {
     /// are left, under the brokers' free-space floor, so the node refuses produce; otherwise nothing is,
     /// so its next write fails and it stops. Freed after the hold; a stopped node is started again.
     DiskFull,
+    /// Make one node's disk (half the time the busiest leader's) fail every read, write and fsync with
+    /// EIO, so the node stops on its first storage failure; healed after the hold and started again.
+    DiskFail,
+    /// Make one node's disk (half the time the busiest leader's) answer every read, write and fsync
+    /// 5-200 ms late; healed after the hold.
+    DiskSlow,
     /// kill -9 every node at once, the node leading most partitions, or a random node (a third of the time
     /// each), and drop every write the killed nodes had not fsynced, as a power loss would; restart after
     /// the hold. Needs the lazy data directories of S9.
@@ -54,7 +61,7 @@ pub enum FaultKind {
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 10] = [
+    pub const ALL: [FaultKind; 12] = [
         FaultKind::Kill,
         FaultKind::Term,
         FaultKind::Pause,
@@ -62,6 +69,8 @@ impl FaultKind {
         FaultKind::KillAll,
         FaultKind::Bounce,
         FaultKind::DiskFull,
+        FaultKind::DiskFail,
+        FaultKind::DiskSlow,
         FaultKind::LoseUnfsynced,
         FaultKind::Packet,
         FaultKind::Clock,
@@ -76,6 +85,8 @@ impl FaultKind {
             FaultKind::KillAll => "kill-all",
             FaultKind::Bounce => "bounce",
             FaultKind::DiskFull => "disk-full",
+            FaultKind::DiskFail => "disk-fail",
+            FaultKind::DiskSlow => "disk-slow",
             FaultKind::LoseUnfsynced => "lose-unfsynced",
             FaultKind::Packet => "packet",
             FaultKind::Clock => "clock",
@@ -141,7 +152,9 @@ pub enum Heal {
     Restart(Vec<u64>),
     Resume(Vec<u64>),
     Reconnect(Vec<(u64, u64)>),
-    FreeDisk(u64),
+    /// Puts a node's disk right (frees the filler, clears failures and delays) and starts the node again
+    /// if the fault stopped it.
+    HealDisk(u64),
     CleanLinks(Vec<(u64, u64)>),
     ResetClocks(Vec<u64>),
 }
@@ -225,7 +238,22 @@ pub fn inject(
             let target = if rng.random_bool(0.5) { leader } else { random_node };
             let (leave, left) = if rng.random_bool(0.5) { (4 << 20, "4 MiB left") } else { (0, "nothing left") };
             cluster.fill_disk(target, leave)?;
-            Injected { description: format!("fill the disk of node {target} ({left})"), heal: Heal::FreeDisk(target) }
+            Injected { description: format!("fill the disk of node {target} ({left})"), heal: Heal::HealDisk(target) }
+        }
+        FaultKind::DiskFail => {
+            let target = if rng.random_bool(0.5) { leader } else { random_node };
+            cluster.set_disk_faults(target, DiskFaults { fail: true, delay: Duration::ZERO })?;
+            Injected { description: format!("fail the disk of node {target} (EIO)"), heal: Heal::HealDisk(target) }
+        }
+        FaultKind::DiskSlow => {
+            let target = if rng.random_bool(0.5) { leader } else { random_node };
+            // Log-uniform over 5 .. 200 ms per request.
+            let delay = Duration::from_secs_f64(10f64.powf(rng.random_range(5f64.log10()..200f64.log10())) / 1000.0);
+            cluster.set_disk_faults(target, DiskFaults { fail: false, delay })?;
+            Injected {
+                description: format!("slow the disk of node {target} ({} ms per request)", delay.as_millis()),
+                heal: Heal::HealDisk(target),
+            }
         }
         FaultKind::LoseUnfsynced => {
             let targets = match rng.random_range(0..6) {
@@ -386,7 +414,7 @@ pub fn heal(cluster: &mut dyn Target, heal: &Heal) -> anyhow::Result<()> {
         Heal::Restart(ids) => ids.iter().try_for_each(|id| cluster.start_node(*id)),
         Heal::Resume(ids) => ids.iter().try_for_each(|id| cluster.set_paused(*id, false)),
         Heal::Reconnect(links) => links.iter().try_for_each(|(a, b)| cluster.set_cut(*a, *b, false)),
-        Heal::FreeDisk(id) => cluster.free_disk(*id),
+        Heal::HealDisk(id) => cluster.heal_disk(*id),
         Heal::ResetClocks(ids) => ids.iter().try_for_each(|id| cluster.set_clock(*id, 0.0)),
         Heal::CleanLinks(links) => {
             links.iter().try_for_each(|(a, b)| cluster.set_packet_faults(*a, *b, PacketFaults::default()))

@@ -19,8 +19,8 @@ use crate::compose::ComposeCluster;
 use crate::history::{self, History, OffsetsRead, Outcome, Poll, Read, SendOp};
 use crate::local::LocalCluster;
 use crate::nemesis::{self, FaultKind, Planned};
-use crate::scenario::{DataDir, Scenario};
-use crate::target::Target;
+use crate::scenario::Scenario;
+use crate::target::{Setup, Target};
 
 /// How long one operation may take before it counts as unknown.
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -540,30 +540,17 @@ async fn read_replicas(
 pub async fn run(config: RunConfig) -> anyhow::Result<RunReport> {
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.work_dir)?;
+    let setup = Setup {
+        data_dir: config.scenario.data_dir,
+        fake_clocks: config.faults.contains(&FaultKind::Clock),
+        packet_faults: config.faults.contains(&FaultKind::Packet),
+    };
     let cluster: Box<dyn Target> = match config.target {
-        TargetKind::Local => Box::new(
-            LocalCluster::start(
-                config.nodes,
-                &config.work_dir,
-                config.broker.clone(),
-                config.scenario.data_dir,
-                config.faults.contains(&FaultKind::Clock),
-            )
-            .await?,
-        ),
+        TargetKind::Local => {
+            Box::new(LocalCluster::start(config.nodes, &config.work_dir, config.broker.clone(), setup).await?)
+        }
         TargetKind::Compose => {
-            if config.scenario.data_dir != DataDir::Plain {
-                anyhow::bail!(
-                    "{} needs data directories of its own kind ({:?}), which only the local target makes",
-                    config.scenario.name,
-                    config.scenario.data_dir
-                );
-            }
-            let local_only = [FaultKind::Packet, FaultKind::DiskFull, FaultKind::LoseUnfsynced, FaultKind::Clock];
-            if let Some(kind) = config.faults.iter().find(|k| local_only.contains(k)) {
-                anyhow::bail!("the {kind} fault runs on the local target only");
-            }
-            Box::new(ComposeCluster::start(config.nodes, &config.work_dir, config.seed)?)
+            Box::new(ComposeCluster::start(config.nodes, &config.work_dir, config.seed, setup).await?)
         }
     };
     let target = cluster.name();

@@ -18,15 +18,18 @@ pub struct Scenario {
     pub data_dir: DataDir,
 }
 
-/// What a node's data directory is on the local target. Only `Plain` runs on compose.
+/// What a node's data directory is. The harness makes it on the host ([`crate::host::DataDirs`]); the
+/// compose target bind-mounts it into the node's container, except `Plain`, which is the deployment's own
+/// named volume there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataDir {
     /// A directory under the run's work directory.
     Plain,
-    /// A tmpfs of its own of this many bytes, which the disk-full fault fills (S14).
-    Volume(u64),
     /// A [`crate::lazyfs`] mount that holds file data until fsync, which the lose-unfsynced fault drops (S9).
     Lazy,
+    /// A lazy mount over a tmpfs of its own of this many bytes (S14): the disk-full fault fills the tmpfs,
+    /// the disk-fail and slow-disk faults act through the mount.
+    LazyVolume(u64),
 }
 
 /// A scenario of 4 partitions per topic, default topic configs, well-behaved clients.
@@ -70,11 +73,11 @@ const SCENARIOS: &[Scenario] = &[
         )
     },
     Scenario {
-        data_dir: DataDir::Volume(256 << 20),
+        data_dir: DataDir::LazyVolume(256 << 20),
         ..plain(
             "S14",
-            "disk full (ENOSPC) on a leader or a follower, under kill -9",
-            &[FaultKind::DiskFull, FaultKind::Kill],
+            "disk faults on a leader or a follower: full (ENOSPC), failing (EIO), slow; under kill -9",
+            &[FaultKind::DiskFull, FaultKind::DiskFail, FaultKind::DiskSlow, FaultKind::Kill],
         )
     },
     plain("S7", "packet faults: delay, jitter and loss on Raft links", &[FaultKind::Packet]),

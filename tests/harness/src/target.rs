@@ -2,13 +2,27 @@
 //!
 //! [`crate::local::LocalCluster`] runs broker processes on 127.0.0.x with a TCP proxy per Raft link;
 //! [`crate::compose::ComposeCluster`] runs the `flotilla` image under docker-compose and cuts links with
-//! iptables inside the containers' network namespaces.
+//! iptables inside the containers' network namespaces (or in proxies on the host, for packet faults).
+//! Both take data directories and clocks from [`crate::host`].
 
 use std::time::Duration;
 
 use crate::history::NodeLogLine;
-use crate::lazyfs::Lost;
+use crate::lazyfs::{DiskFaults, Lost};
 use crate::proxy::PacketFaults;
+use crate::scenario::DataDir;
+
+/// What a run needs of every node besides the broker itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Setup {
+    /// What each node's data directory is.
+    pub data_dir: DataDir,
+    /// Every broker runs under libfaketime, its wall clock set through `set_clock` (S8).
+    pub fake_clocks: bool,
+    /// Raft links run through proxies that can delay and lose what crosses them (S7). The local target's
+    /// links always do.
+    pub packet_faults: bool,
+}
 
 pub trait Target: Send {
     /// `local` or `compose`.
@@ -30,37 +44,20 @@ pub trait Target: Send {
     /// Cuts (true) or heals the Raft link `from` -> `to`: the connections `from` dials to `to`.
     fn set_cut(&mut self, from: u64, to: u64, cut: bool) -> anyhow::Result<()>;
     /// Delays and loses the Raft traffic `from` -> `to` (S7); `PacketFaults::default()` clears the link.
-    fn set_packet_faults(&mut self, from: u64, to: u64, _faults: PacketFaults) -> anyhow::Result<()> {
-        anyhow::bail!(
-            "the {} target cannot delay or lose packets on {from}->{to}: this kernel has no tc netem \
-             (S7 runs on the local target)",
-            self.name()
-        )
-    }
+    fn set_packet_faults(&mut self, from: u64, to: u64, faults: PacketFaults) -> anyhow::Result<()>;
     /// Sets node `id`'s wall clock `offset` seconds off the machine's; 0 puts it right (S8). Only the wall
     /// clock moves, as when an operator or NTP steps a machine's clock; its monotonic clock does not.
-    fn set_clock(&mut self, id: u64, _offset: f64) -> anyhow::Result<()> {
-        anyhow::bail!("the {} target cannot set node {id}'s clock (S8 runs on the local target)", self.name())
-    }
+    fn set_clock(&mut self, id: u64, offset: f64) -> anyhow::Result<()>;
     /// Flips node `id`'s wall clock between `offset` and right every `period`, until `set_clock`.
-    fn strobe_clock(&mut self, id: u64, _offset: f64, _period: Duration) -> anyhow::Result<()> {
-        anyhow::bail!("the {} target cannot strobe node {id}'s clock (S8 runs on the local target)", self.name())
-    }
+    fn strobe_clock(&mut self, id: u64, offset: f64, period: Duration) -> anyhow::Result<()>;
     /// Fills node `id`'s data volume until only `leave` bytes are free (S14).
-    fn fill_disk(&mut self, id: u64, _leave: u64) -> anyhow::Result<()> {
-        anyhow::bail!("the {} target cannot fill node {id}'s disk (S14 runs on the local target)", self.name())
-    }
-    /// Frees what `fill_disk` took and starts the node again if the full disk stopped it.
-    fn free_disk(&mut self, id: u64) -> anyhow::Result<()> {
-        anyhow::bail!("the {} target cannot free node {id}'s disk", self.name())
-    }
+    fn fill_disk(&mut self, id: u64, leave: u64) -> anyhow::Result<()>;
+    /// Makes node `id`'s disk fail or slow down (S14).
+    fn set_disk_faults(&mut self, id: u64, faults: DiskFaults) -> anyhow::Result<()>;
+    /// Undoes `fill_disk` and `set_disk_faults`, and starts the node again if its disk stopped it.
+    fn heal_disk(&mut self, id: u64) -> anyhow::Result<()>;
     /// Drops every write node `id` has not fsynced, as a power loss would (S9). The node must be down.
-    fn lose_unfsynced(&mut self, id: u64) -> anyhow::Result<Lost> {
-        anyhow::bail!(
-            "the {} target cannot drop node {id}'s unfsynced writes (S9 runs on the local target)",
-            self.name()
-        )
-    }
+    fn lose_unfsynced(&mut self, id: u64) -> anyhow::Result<Lost>;
     /// Heals every link, continues every paused node and starts every stopped one.
     fn heal_all(&mut self) -> anyhow::Result<()>;
     /// Stops every node and releases what the target made.

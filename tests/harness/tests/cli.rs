@@ -25,9 +25,9 @@ fn scenarios_that_need_missing_fault_primitives_are_refused_with_the_reason() {
     let (code, _, err) = harness(&["run", "--scenario", "S15", "--duration", "10s"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("membership"), "{err}");
-    let (code, _, err) = harness(&["run", "--scenario", "S9", "--target", "compose", "--duration", "10s"]);
+    let (code, _, err) = harness(&["run", "--scenario", "S9", "--target", "cloud", "--duration", "10s"]);
     assert_eq!(code, Some(2));
-    assert!(err.contains("only the local target"), "{err}");
+    assert!(err.contains("unknown target \"cloud\""), "{err}");
     let (code, _, err) = harness(&["run", "--scenario", "S6", "--faults", "flood"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("unknown fault \"flood\""), "{err}");
