@@ -22,12 +22,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 
 use crate::history::NodeLogLine;
-use crate::host::{CLOCK_FILE, DataDirs, FakeClocks, faketime_env};
+use crate::host::{CLOCK_FILE, DataDirs, FakeClocks, STORAGE_FAILED, faketime_env};
 use crate::lazyfs::{DiskFaults, Lost};
 use crate::proxy::{PacketFaults, Proxy};
 use crate::scenario::DataDir;
@@ -57,8 +57,8 @@ pub struct ComposeCluster {
     /// Data directories made on the host and bind-mounted; `None` for the deployment's named volumes.
     dirs: Option<DataDirs>,
     clocks: Option<FakeClocks>,
-    /// When each node's disk was filled or failed (seconds since the epoch, as `docker logs --since` takes).
-    disk_fault_at: BTreeMap<u64, f64>,
+    /// How many storage failures each node had logged when its disk was filled or failed.
+    disk_fault_at: BTreeMap<u64, usize>,
     unexpected_exits: Vec<NodeLogLine>,
     /// Each node's log, saved before the containers are removed.
     saved_logs: BTreeMap<u64, String>,
@@ -97,9 +97,10 @@ pub struct NodeSpec {
     pub env: Vec<(String, String)>,
 }
 
-/// A YAML double-quoted string.
+/// A YAML double-quoted string, with `$` doubled so compose does not interpolate it. The strings are
+/// paths and settings the harness makes, printable ASCII.
 fn quoted(s: &str) -> String {
-    format!("{s:?}")
+    format!("{:?}", s.replace('$', "$$"))
 }
 
 /// The compose file of one node per `specs` entry on `subnet` (`a.b.c`), project `project`.
@@ -143,16 +144,14 @@ pub fn compose_file(project: &str, subnet: &str, specs: &BTreeMap<u64, NodeSpec>
     out
 }
 
-fn now_secs() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
-}
-
 impl ComposeCluster {
     /// Writes the compose file under `dir` and starts `n` nodes (at most 200), with what `setup` asks for.
     pub async fn start(n: u64, dir: &Path, seed: u64, setup: Setup) -> anyhow::Result<ComposeCluster> {
         if !(1..=200).contains(&n) {
             bail!("--nodes must be between 1 and 200");
         }
+        // Bind-mount sources must be absolute: compose reads a relative one as a volume name.
+        let dir = &std::path::absolute(dir)?;
         docker(&["info", "--format", "{{.ServerVersion}}"]).context("the compose target needs a Docker engine")?;
         docker(&["image", "inspect", "--format", "{{.Id}}", IMAGE]).with_context(|| {
             format!("image {IMAGE} is missing; build it with FLOTILLA_IMAGE_PROFILE=dev deploy/build-image.sh")
@@ -274,6 +273,24 @@ impl ComposeCluster {
         self.dirs.as_ref().context("this run's nodes keep their data on named volumes: only S9 and S14 make their own")
     }
 
+    /// How many storage failures node `id` has logged (0 if its log cannot be read).
+    fn storage_failures(&self, id: u64) -> usize {
+        match Command::new("docker").args(["logs", &self.container(id)]).output() {
+            Ok(out) => [&out.stdout, &out.stderr]
+                .iter()
+                .map(|b| String::from_utf8_lossy(b).matches(STORAGE_FAILED).count())
+                .sum(),
+            Err(_) => 0,
+        }
+    }
+
+    fn mark_disk_fault(&mut self, id: u64) {
+        if !self.disk_fault_at.contains_key(&id) {
+            let count = self.storage_failures(id);
+            self.disk_fault_at.insert(id, count);
+        }
+    }
+
     fn running(&self, id: u64) -> anyhow::Result<bool> {
         Ok(docker(&["inspect", "--format", "{{.State.Running}}", &self.container(id)])? == "true")
     }
@@ -393,28 +410,31 @@ impl Target for ComposeCluster {
     }
 
     fn fill_disk(&mut self, id: u64, leave: u64) -> anyhow::Result<()> {
-        self.disk_fault_at.entry(id).or_insert_with(now_secs);
+        self.mark_disk_fault(id);
         self.dirs()?.fill(id, leave)
     }
 
     fn set_disk_faults(&mut self, id: u64, faults: DiskFaults) -> anyhow::Result<()> {
-        self.disk_fault_at.entry(id).or_insert_with(now_secs);
+        self.mark_disk_fault(id);
         self.dirs()?.set_faults(id, faults)
     }
 
-    /// Puts the disk right; a node that exited on a storage failure since the fault is started again.
+    /// Puts the disk right; a node that stopped on a storage failure since the fault is started again.
     fn heal_disk(&mut self, id: u64) -> anyhow::Result<()> {
-        self.dirs()?.heal(id)?;
-        let since = self.disk_fault_at.remove(&id).unwrap_or(0.0);
-        if !self.down.contains(&id) && !self.running(id)? {
-            let out =
-                run(Command::new("docker").args(["logs", "--since", &format!("{since:.3}"), &self.container(id)]))?;
-            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-            if text.contains("storage failed") {
+        let healed = self.dirs()?.heal(id);
+        let before = self.disk_fault_at.remove(&id).unwrap_or(0);
+        if !self.down.contains(&id) && self.storage_failures(id) > before {
+            // The broker exits right after it logs the failure; give it the moment to finish.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while self.running(id)? && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if !self.running(id)? {
                 self.down.insert(id);
             }
         }
-        self.start_node(id)
+        self.start_node(id)?;
+        healed
     }
 
     /// Drops what the node's lazy filesystem holds unfsynced, once its container has stopped.
@@ -456,6 +476,10 @@ impl Target for ComposeCluster {
         self.save_logs();
         if let Err(e) = self.compose(&["down", "--volumes"]) {
             eprintln!("flotilla-harness: could not remove compose project {}: {e:#}", self.project);
+            // No container may keep the host's mounts busy when they are released below.
+            for id in self.ids() {
+                let _ = docker(&["rm", "--force", &self.container(id)]);
+            }
         }
         // Only now that no container uses them.
         if let Some(dirs) = &mut self.dirs {

@@ -18,7 +18,10 @@ use crate::lazyfs::{DiskFaults, LazyMount, Lost};
 use crate::scenario::DataDir;
 
 /// The free-space floor brokers get on volumes of their own.
-pub const VOLUME_MIN_FREE: &str = "32MiB";
+const VOLUME_MIN_FREE: &str = "32MiB";
+/// What a broker logs when its storage fails, just before it exits: the expected end of a node whose
+/// disk gave out.
+pub const STORAGE_FAILED: &str = "storage failed";
 const FILLER: &str = "harness-filler";
 
 /// Every node's data directory on the host.
@@ -27,7 +30,7 @@ pub struct DataDirs {
     dirs: BTreeMap<u64, PathBuf>,
     /// Lazy filesystems serving the data directories, by node.
     lazy: BTreeMap<u64, LazyMount>,
-    /// Where each node's volume is mounted (the data directory itself, or what its lazy mount serves).
+    /// Where each node's volume is mounted: the backing directory its lazy mount serves.
     volumes: BTreeMap<u64, PathBuf>,
 }
 
@@ -69,10 +72,6 @@ impl DataDirs {
         Ok(out)
     }
 
-    pub fn kind(&self) -> DataDir {
-        self.kind
-    }
-
     /// Node `id`'s data directory.
     pub fn path(&self, id: u64) -> anyhow::Result<&Path> {
         self.dirs.get(&id).map(PathBuf::as_path).with_context(|| format!("no node {id}"))
@@ -101,7 +100,9 @@ impl DataDirs {
     }
 
     /// Writes a filler file into node `id`'s volume until it is full, then gives back `leave` bytes.
-    /// The filler is written beside the lazy mount, so it takes the space at once.
+    /// The filler is written to the backing volume directly, not through the lazy mount (which would
+    /// hold it in memory until an fsync), so it takes the space at once; the broker sees it as
+    /// `harness-filler` in its data directory.
     pub fn fill(&self, id: u64, leave: u64) -> anyhow::Result<()> {
         let path = self.volume(id)?.join(FILLER);
         let mut filler = OpenOptions::new().create(true).append(true).open(&path)?;
@@ -124,8 +125,11 @@ impl DataDirs {
         Ok(())
     }
 
-    /// Puts node `id`'s disk right: the filler removed, every fault cleared.
+    /// Puts node `id`'s disk right: every fault cleared, the filler removed.
     pub fn heal(&self, id: u64) -> anyhow::Result<()> {
+        if let Some(mount) = self.lazy.get(&id) {
+            mount.set_faults(DiskFaults::default());
+        }
         if let Some(volume) = self.volumes.get(&id) {
             let path = volume.join(FILLER);
             match std::fs::remove_file(&path) {
@@ -133,9 +137,6 @@ impl DataDirs {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
             }
-        }
-        if let Some(mount) = self.lazy.get(&id) {
-            mount.set_faults(DiskFaults::default());
         }
         Ok(())
     }
@@ -171,7 +172,8 @@ const FAKETIME_LIBS: &[&str] = &[
 
 fn faketime_lib() -> anyhow::Result<PathBuf> {
     if let Some(lib) = std::env::var_os("FLOTILLA_FAKETIME_LIB") {
-        return Ok(PathBuf::from(lib));
+        // Absolute: the compose target bind-mounts it.
+        return Ok(std::path::absolute(lib)?);
     }
     match FAKETIME_LIBS.iter().map(PathBuf::from).find(|p| p.exists()) {
         Some(lib) => Ok(lib),

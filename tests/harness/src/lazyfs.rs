@@ -17,7 +17,8 @@
 //! after the loss.
 //!
 //! The mount also plays a failing or slow disk (S14, as Redpanda's `ruinio` and `slowio`):
-//! [`LazyMount::set_faults`] makes every read, write and fsync fail with EIO, or wait a while first.
+//! [`LazyMount::set_faults`] makes every read, write and fsync (of files and directories) fail with EIO,
+//! or wait a while first.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
@@ -683,8 +684,9 @@ impl Filesystem for LazyFs {
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        // Directory changes reach the backing directory at once and survive a loss.
-        reply.ok();
+        // Directory changes reach the backing directory at once and survive a loss; a faulty disk still
+        // fails or delays the call.
+        empty(reply, self.data_op().map(drop));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

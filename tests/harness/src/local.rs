@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use crate::history::NodeLogLine;
-use crate::host::{CLOCK_FILE, DataDirs, FakeClocks, faketime_env};
+use crate::host::{CLOCK_FILE, DataDirs, FakeClocks, STORAGE_FAILED, faketime_env};
 use crate::lazyfs::{DiskFaults, Lost};
 use crate::proxy::{PacketFaults, Proxy};
 use crate::target::{Setup, Target, panics_in};
@@ -260,22 +260,26 @@ impl Target for LocalCluster {
         self.dirs.set_faults(id, faults)
     }
 
-    /// Puts the disk right; a node that exited on a storage failure since the fault is started again.
+    /// Puts the disk right; a node that stopped on a storage failure since the fault is started again.
     fn heal_disk(&mut self, id: u64) -> anyhow::Result<()> {
-        self.dirs.heal(id)?;
+        let healed = self.dirs.heal(id);
         let node = self.node(id)?;
         let since = node.disk_fault_at.take().unwrap_or(0);
-        if let Some(child) = node.child.as_mut()
-            && child.try_wait()?.is_some()
-        {
-            let log = std::fs::read(&node.log).unwrap_or_default();
-            let after = String::from_utf8_lossy(log.get(since as usize..).unwrap_or_default());
-            if after.contains("storage failed") {
+        let log = std::fs::read(&node.log).unwrap_or_default();
+        let failed = String::from_utf8_lossy(log.get(since as usize..).unwrap_or_default()).contains(STORAGE_FAILED);
+        if failed && let Some(child) = node.child.as_mut() {
+            // The broker exits right after it logs the failure; give it the moment to finish.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait()?.is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if child.try_wait()?.is_some() {
                 node.child = None;
                 node.paused = false;
             }
         }
-        self.start_node(id)
+        self.start_node(id)?;
+        healed
     }
 
     /// Drops what the node's lazy filesystem holds unfsynced. The node must have been killed (and reaped).

@@ -54,7 +54,8 @@ pub trait Target: Send {
     fn fill_disk(&mut self, id: u64, leave: u64) -> anyhow::Result<()>;
     /// Makes node `id`'s disk fail or slow down (S14).
     fn set_disk_faults(&mut self, id: u64, faults: DiskFaults) -> anyhow::Result<()>;
-    /// Undoes `fill_disk` and `set_disk_faults`, and starts the node again if its disk stopped it.
+    /// Undoes `fill_disk` and `set_disk_faults`, then starts the node if it is down: a stop on a storage
+    /// failure since the fault is expected, any other exit is reported as unexpected.
     fn heal_disk(&mut self, id: u64) -> anyhow::Result<()>;
     /// Drops every write node `id` has not fsynced, as a power loss would (S9). The node must be down.
     fn lose_unfsynced(&mut self, id: u64) -> anyhow::Result<Lost>;
