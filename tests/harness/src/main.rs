@@ -30,7 +30,7 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// S1-S6, S16-S20.
+    /// S1-S9, S14, S16-S20 (`flotilla-harness scenarios` lists them).
     #[arg(long)]
     scenario: String,
     /// Where the cluster runs: `local` (broker processes on 127.0.0.x) or `compose` (the `flotilla` image

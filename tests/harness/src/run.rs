@@ -19,7 +19,7 @@ use crate::compose::ComposeCluster;
 use crate::history::{self, History, OffsetsRead, Outcome, Poll, Read, SendOp};
 use crate::local::LocalCluster;
 use crate::nemesis::{self, FaultKind, Planned};
-use crate::scenario::Scenario;
+use crate::scenario::{self, Scenario};
 use crate::target::{Setup, Target};
 
 /// How long one operation may take before it counts as unknown.
@@ -541,7 +541,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<RunReport> {
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.work_dir)?;
     let setup = Setup {
-        data_dir: config.scenario.data_dir,
+        data_dir: scenario::data_dir_for(&config.faults),
         fake_clocks: config.faults.contains(&FaultKind::Clock),
         packet_faults: config.faults.contains(&FaultKind::Packet),
     };

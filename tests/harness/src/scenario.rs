@@ -14,11 +14,9 @@ pub struct Scenario {
     pub topic_configs: &'static [(&'static str, &'static str)],
     /// Writers cut sends off mid-request and crash (S18).
     pub client_faults: bool,
-    /// What each node's data directory is.
-    pub data_dir: DataDir,
 }
 
-/// What a node's data directory is. The harness makes it on the host ([`crate::host::DataDirs`]); the
+/// What a node's data directory is: what the run's faults need ([`data_dir_for`]). The harness makes it on the host ([`crate::host::DataDirs`]); the
 /// compose target bind-mounts it into the node's container, except `Plain`, which is the deployment's own
 /// named volume there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,7 +32,7 @@ pub enum DataDir {
 
 /// A scenario of 4 partitions per topic, default topic configs, well-behaved clients.
 const fn plain(name: &'static str, title: &'static str, faults: &'static [FaultKind]) -> Scenario {
-    Scenario { name, title, faults, partitions: 4, topic_configs: &[], client_faults: false, data_dir: DataDir::Plain }
+    Scenario { name, title, faults, partitions: 4, topic_configs: &[], client_faults: false }
 }
 
 const SCENARIOS: &[Scenario] = &[
@@ -72,30 +70,33 @@ const SCENARIOS: &[Scenario] = &[
             &[FaultKind::Kill, FaultKind::Pause, FaultKind::Partition],
         )
     },
-    Scenario {
-        data_dir: DataDir::LazyVolume(256 << 20),
-        ..plain(
-            "S14",
-            "disk faults on a leader or a follower: full (ENOSPC), failing (EIO), slow; under kill -9",
-            &[FaultKind::DiskFull, FaultKind::DiskFail, FaultKind::DiskSlow, FaultKind::Kill],
-        )
-    },
+    plain(
+        "S14",
+        "disk faults on a leader or a follower: full (ENOSPC), failing (EIO), slow; under kill -9",
+        &[FaultKind::DiskFull, FaultKind::DiskFail, FaultKind::DiskSlow, FaultKind::Kill],
+    ),
     plain("S7", "packet faults: delay, jitter and loss on Raft links", &[FaultKind::Packet]),
     plain("S8", "clock faults: wall clocks stepped and strobed per node (libfaketime)", &[FaultKind::Clock]),
-    Scenario {
-        data_dir: DataDir::Lazy,
-        ..plain(
-            "S9",
-            "lost unfsynced writes: kill -9 one node, or every node, and drop what it had not fsynced",
-            &[FaultKind::LoseUnfsynced],
-        )
-    },
     plain(
-        "S20",
-        "general chaos",
-        &[FaultKind::Kill, FaultKind::Term, FaultKind::Pause, FaultKind::Partition, FaultKind::KillAll],
+        "S9",
+        "lost unfsynced writes: kill -9 one node, or every node, and drop what it had not fsynced",
+        &[FaultKind::LoseUnfsynced],
     ),
+    plain("S20", "general chaos: every kind of fault, one at a time in a seeded order", &FaultKind::ALL),
 ];
+
+/// The data directory every node needs for `faults`: a lazy mount over a small volume of its own for disk
+/// faults, a lazy mount for lost unfsynced writes, else a plain directory.
+pub fn data_dir_for(faults: &[FaultKind]) -> DataDir {
+    let disk = [FaultKind::DiskFull, FaultKind::DiskFail, FaultKind::DiskSlow];
+    if faults.iter().any(|f| disk.contains(f)) {
+        DataDir::LazyVolume(256 << 20)
+    } else if faults.contains(&FaultKind::LoseUnfsynced) {
+        DataDir::Lazy
+    } else {
+        DataDir::Plain
+    }
+}
 
 /// Scenarios of FAILOVER.md that need fault primitives the harness does not have yet.
 const NOT_YET: &[(&str, &str)] = &[("S15", "membership changes do not exist yet")];
@@ -130,5 +131,13 @@ mod tests {
         let e = find("S15").err().expect("S15 is not runnable yet").to_string();
         assert!(e.contains("membership"), "{e}");
         assert!(find("S99").is_err());
+    }
+
+    #[test]
+    fn data_directories_follow_the_faults_that_need_them() {
+        assert_eq!(data_dir_for(&[FaultKind::Kill, FaultKind::Partition]), DataDir::Plain);
+        assert_eq!(data_dir_for(find("S9").expect("S9").faults), DataDir::Lazy);
+        assert_eq!(data_dir_for(find("S14").expect("S14").faults), DataDir::LazyVolume(256 << 20));
+        assert_eq!(data_dir_for(find("S20").expect("S20").faults), DataDir::LazyVolume(256 << 20));
     }
 }
