@@ -13,6 +13,8 @@ use crate::service::FlotillaService;
 /// How long in-flight requests get to finish once shutdown starts. Peer connections carrying Raft
 /// streams never drain by themselves, so the wait must be bounded.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long a stopping broker waits for the groups it leads to take new leaders.
+const HAND_OFF_LIMIT: Duration = Duration::from_secs(5);
 
 /// How often the node looks for a group stopped by a storage failure.
 const STORAGE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -70,6 +72,10 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
             let _ = collector.await;
             let _ = retention.await;
             let _ = disk.await;
+            // A controlled shutdown: leaderships go to caught-up replicas first, so clients move on at
+            // once instead of waiting out an election timeout.
+            let (led, still) = broker.node.hand_off_leaderships(HAND_OFF_LIMIT).await;
+            tracing::info!(node = broker.config.node_id, led, still, "handed off leaderships");
             // Stopping the groups first ends the Raft streams that keep peer connections open.
             broker.node.shutdown().await;
             let _ = server_stop_tx.send(());

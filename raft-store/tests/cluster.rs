@@ -518,3 +518,28 @@ async fn after_a_power_loss_a_leader_missing_its_unsynced_tail_does_not_resume_i
     assert!(values.iter().any(|v| v.as_ref() == b"g1-value-1"), "{logs:?}");
     cluster.shutdown().await;
 }
+
+/// A node about to stop hands every leadership to a caught-up replica first (controlled shutdown), so
+/// the groups it led keep taking writes without waiting out an election timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_handing_off_its_leaderships_leads_nothing_and_its_groups_keep_taking_writes() {
+    let cluster = Cluster::start(3).await;
+    let groups: Vec<u64> = (10..16).collect();
+    for &g in &groups {
+        cluster.create_group(g).await;
+        cluster.append(g, &[record(g, 0)]).await;
+    }
+    // Group g is bootstrapped by node g % 3 + 1, which then leads it: node 1 leads 12 and 15.
+    let led_by_1: Vec<u64> =
+        groups.iter().copied().filter(|g| cluster.node(1).group(*g).expect("group").is_leader(1)).collect();
+    assert!(!led_by_1.is_empty(), "node 1 leads some group before the hand-off");
+
+    let (led, still) = cluster.node(1).hand_off_leaderships(Duration::from_secs(10)).await;
+    assert_eq!((led, still), (led_by_1.len(), 0), "every leadership handed off");
+    for &g in &groups {
+        let (_, id) = cluster.leader_and_id(g).await;
+        assert_ne!(id, 1, "group {g} is led elsewhere");
+        assert_eq!(cluster.append(g, &[record(g, 1)]).await, 1, "group {g} takes writes");
+    }
+    cluster.shutdown().await;
+}

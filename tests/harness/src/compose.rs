@@ -49,7 +49,8 @@ pub struct ComposeCluster {
     ips: BTreeMap<u64, String>,
     /// Nodes the nemesis stopped (so a node found down otherwise exited on its own).
     down: BTreeSet<u64>,
-    paused: BTreeSet<u64>,
+    /// Paused nodes, each with how: `true` when by SIGSTOP to its process (the cgroup freezer failed).
+    paused: BTreeMap<u64, bool>,
     /// Cut links (from, to), whether or not `from` is running now (re-applied when it starts).
     cuts: BTreeSet<(u64, u64)>,
     /// The proxy of each Raft link, in runs with packet faults; their links are cut there, not by iptables.
@@ -210,7 +211,7 @@ impl ComposeCluster {
             compose,
             ips,
             down: BTreeSet::new(),
-            paused: BTreeSet::new(),
+            paused: BTreeMap::new(),
             cuts: BTreeSet::new(),
             proxies: BTreeMap::new(),
             dirs,
@@ -296,10 +297,39 @@ impl ComposeCluster {
     }
 
     fn unpause(&mut self, id: u64) -> anyhow::Result<()> {
-        if self.paused.remove(&id) {
-            docker(&["unpause", &self.container(id)])?;
+        match self.paused.remove(&id) {
+            Some(false) => {
+                docker(&["unpause", &self.container(id)])?;
+            }
+            Some(true) => {
+                if let Some(pid) = self.pid(id)? {
+                    run(Command::new("kill").args(["-CONT", &pid.to_string()]))?;
+                }
+            }
+            None => {}
         }
         Ok(())
+    }
+
+    /// `docker pause` (the cgroup freezer), tried three times: under load the freezer can time out
+    /// ("unable to freeze"). Then SIGSTOP to the container's process from the host, which the broker,
+    /// its pid namespace's init, cannot refuse from an ancestor namespace. Returns whether it took SIGSTOP.
+    fn pause(&self, id: u64) -> anyhow::Result<bool> {
+        let container = self.container(id);
+        let mut last = None;
+        for _ in 0..3 {
+            match docker(&["pause", &container]) {
+                Ok(_) => return Ok(false),
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let Some(pid) = self.pid(id)? else {
+            return Err(last.unwrap_or_else(|| anyhow::anyhow!("{container} is not running")));
+        };
+        eprintln!("flotilla-harness: docker pause {container} failed ({last:?}); SIGSTOP to pid {pid} instead");
+        run(Command::new("kill").args(["-STOP", &pid.to_string()]))?;
+        Ok(true)
     }
 
     fn save_logs(&mut self) {
@@ -370,8 +400,9 @@ impl Target for ComposeCluster {
         if !paused {
             return self.unpause(id);
         }
-        if !self.down.contains(&id) && self.paused.insert(id) {
-            docker(&["pause", &self.container(id)])?;
+        if !self.down.contains(&id) && !self.paused.contains_key(&id) {
+            let by_signal = self.pause(id)?;
+            self.paused.insert(id, by_signal);
         }
         Ok(())
     }

@@ -18,7 +18,12 @@ pub fn summary(r: &RunReport) -> String {
         let _ = writeln!(out, "  none");
     }
     for f in &r.faults {
-        let _ = writeln!(out, "  {:7.1}s - {:7.1}s  {:<10} {}", f.start, f.end, f.kind.name(), f.description);
+        let releader = match (f.measured, f.releader_s) {
+            (true, Some(s)) => format!(" (every partition led again after {s:.1} s)"),
+            (true, None) => " (some partition had no live leader all along)".into(),
+            (false, _) => String::new(),
+        };
+        let _ = writeln!(out, "  {:7.1}s - {:7.1}s  {:<10} {}{releader}", f.start, f.end, f.kind.name(), f.description);
     }
     let _ = writeln!(
         out,

@@ -18,7 +18,7 @@ use crate::checker::{self, Checked};
 use crate::compose::ComposeCluster;
 use crate::history::{self, History, OffsetsRead, Outcome, Poll, Read, SendOp};
 use crate::local::LocalCluster;
-use crate::nemesis::{self, FaultKind, Planned};
+use crate::nemesis::{self, FaultKind, Heal, Planned};
 use crate::scenario::{self, Scenario};
 use crate::target::{Setup, Target};
 
@@ -72,6 +72,13 @@ pub struct FaultEvent {
     pub description: String,
     pub start: f64,
     pub end: f64,
+    /// For a fault that stopped some nodes but not all: seconds until every partition had a live leader
+    /// again (None if not within the hold).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub releader_s: Option<f64>,
+    /// Whether `releader_s` was measured (a fault that stopped some nodes but not all).
+    #[serde(skip)]
+    pub measured: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -399,16 +406,50 @@ async fn run_nemesis(
     cluster: Arc<Mutex<Box<dyn Target>>>,
     shared: Arc<Shared>,
     schedule: Vec<Planned>,
+    addrs: BTreeMap<u64, String>,
 ) -> (Vec<FaultEvent>, Option<String>) {
     let mut events = Vec::new();
-    let error = nemesis_steps(&cluster, &shared, schedule, &mut events).await.err().map(|e| format!("{e:#}"));
+    let error = nemesis_steps(&cluster, &shared, schedule, &addrs, &mut events).await.err().map(|e| format!("{e:#}"));
     (events, error)
+}
+
+/// Polls the nodes not in `down` every 100 ms until every partition has a live leader outside `down`, as
+/// its own replicas see it (a node's view of a partition it does not host can be stale); returns the
+/// seconds on the run's clock when it did.
+async fn every_partition_led(shared: &Shared, addrs: &BTreeMap<u64, String>, down: &[u64]) -> f64 {
+    let clients: Vec<(u64, Client)> = addrs
+        .iter()
+        .filter(|(id, _)| !down.contains(id))
+        .map(|(id, a)| (*id, Client::new(vec![a.clone()]).with_deadline(Duration::from_millis(500))))
+        .collect();
+    loop {
+        // (topic, partition) -> whether one of its live replicas names a live leader outside `down`.
+        let mut led: HashMap<(String, u32), bool> = HashMap::new();
+        for (id, client) in &clients {
+            let Ok(Ok(md)) = tokio::time::timeout(Duration::from_millis(500), client.metadata()).await else {
+                continue;
+            };
+            let live: HashSet<u64> =
+                md.nodes.iter().filter(|n| n.alive && !down.contains(&n.node_id)).map(|n| n.node_id).collect();
+            for t in &md.topics {
+                for p in &t.partitions {
+                    let entry = led.entry((t.name.clone(), p.partition)).or_insert(false);
+                    *entry |= p.replicas.contains(id) && live.contains(&p.leader);
+                }
+            }
+        }
+        if !led.is_empty() && led.values().all(|l| *l) {
+            return shared.clock.now();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn nemesis_steps(
     cluster: &Mutex<Box<dyn Target>>,
     shared: &Shared,
     schedule: Vec<Planned>,
+    addrs: &BTreeMap<u64, String>,
     events: &mut Vec<FaultEvent>,
 ) -> anyhow::Result<()> {
     for planned in schedule {
@@ -424,14 +465,47 @@ async fn nemesis_steps(
             nemesis::inject(c.as_mut(), &planned, &leaders, bounces)
         })?;
         println!("[{start:7.1}s] {}: {}", planned.kind, injected.description);
-        tokio::time::sleep(Duration::from_secs_f64(planned.hold)).await;
+        let hold = Duration::from_secs_f64(planned.hold);
+        // A fault that stopped some nodes but not all: how long until the rest led every partition.
+        let stopped = match &injected.heal {
+            Heal::Restart(ids) if ids.len() < addrs.len() => Some(ids.clone()),
+            _ => None,
+        };
+        let releader_s = match &stopped {
+            Some(down) => {
+                let (led, ()) = tokio::join!(
+                    tokio::time::timeout(hold, every_partition_led(shared, addrs, down)),
+                    tokio::time::sleep(hold)
+                );
+                led.ok().map(|at| at - start)
+            }
+            None => {
+                tokio::time::sleep(hold).await;
+                None
+            }
+        };
         tokio::task::block_in_place(|| {
             let mut c = cluster.lock().unwrap_or_else(|p| p.into_inner());
             nemesis::heal(c.as_mut(), &injected.heal)
         })?;
         let end = shared.clock.now();
-        println!("[{end:7.1}s] healed {}", planned.kind);
-        events.push(FaultEvent { kind: planned.kind, description: injected.description, start, end });
+        match (stopped.is_some(), releader_s) {
+            (true, Some(r)) => {
+                println!("[{end:7.1}s] healed {} (every partition led again after {r:.1} s)", planned.kind)
+            }
+            (true, None) => {
+                println!("[{end:7.1}s] healed {} (some partition had no live leader all along)", planned.kind)
+            }
+            (false, _) => println!("[{end:7.1}s] healed {}", planned.kind),
+        }
+        events.push(FaultEvent {
+            kind: planned.kind,
+            description: injected.description,
+            start,
+            end,
+            releader_s,
+            measured: stopped.is_some(),
+        });
     }
     Ok(())
 }
@@ -612,7 +686,7 @@ async fn drive(
         tasks.push(tokio::spawn(consumer(shared.clone(), bootstrap.clone(), c)));
     }
     tasks.push(tokio::spawn(offsets_reader(shared.clone())));
-    let nemesis = tokio::spawn(run_nemesis(cluster.clone(), shared.clone(), schedule.clone()));
+    let nemesis = tokio::spawn(run_nemesis(cluster.clone(), shared.clone(), schedule.clone(), addrs.clone()));
 
     tokio::time::sleep(Duration::from_secs_f64(config.duration)).await;
     let (faults, nemesis_error) = match nemesis.await {
@@ -739,6 +813,20 @@ impl RunReport {
                 None => "some key was not written or read back before the final-read limit".into(),
             },
         });
+        if let Some(limit) = config.scenario.releader_limit {
+            let measured: Vec<&FaultEvent> = self.faults.iter().filter(|f| f.measured).collect();
+            let worst = measured.iter().map(|f| f.releader_s.unwrap_or(f64::INFINITY)).fold(0.0, f64::max);
+            gates.push(Gate {
+                name: "re-election",
+                passed: worst <= limit,
+                detail: format!(
+                    "after each of {} stops of some nodes, every partition had a live leader within {limit:.0} s: \
+                     worst {}",
+                    measured.len(),
+                    if worst.is_finite() { format!("{worst:.1} s") } else { "never within the hold".into() }
+                ),
+            });
+        }
         let compared: HashSet<&str> = self.history.replica_reads.iter().map(|r| r.key.as_str()).collect();
         gates.push(Gate {
             name: "replicas compared",

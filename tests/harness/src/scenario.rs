@@ -14,7 +14,14 @@ pub struct Scenario {
     pub topic_configs: &'static [(&'static str, &'static str)],
     /// Writers cut sends off mid-request and crash (S18).
     pub client_faults: bool,
+    /// A gate: after each fault that stops some nodes (not all), every partition has a live leader
+    /// again within this many seconds.
+    pub releader_limit: Option<f64>,
 }
+
+/// Three times the brokers' longest election timeout (`RaftTiming`'s default, 2 s): FAILOVER.md's bound
+/// for re-electing every partition after a crash (S2) or a bounce (S16).
+const REELECT_3X: f64 = 6.0;
 
 /// What a node's data directory is: what the run's faults need ([`data_dir_for`]). The harness makes it on the host ([`crate::host::DataDirs`]); the
 /// compose target bind-mounts it into the node's container, except `Plain`, which is the deployment's own
@@ -32,17 +39,23 @@ pub enum DataDir {
 
 /// A scenario of 4 partitions per topic, default topic configs, well-behaved clients.
 const fn plain(name: &'static str, title: &'static str, faults: &'static [FaultKind]) -> Scenario {
-    Scenario { name, title, faults, partitions: 4, topic_configs: &[], client_faults: false }
+    Scenario { name, title, faults, partitions: 4, topic_configs: &[], client_faults: false, releader_limit: None }
 }
 
 const SCENARIOS: &[Scenario] = &[
     plain("S1", "baseline, no faults", &[]),
-    plain("S2", "crash loop (kill -9, often a leader)", &[FaultKind::Kill]),
+    Scenario {
+        releader_limit: Some(REELECT_3X),
+        ..plain("S2", "crash loop (kill -9, often a leader)", &[FaultKind::Kill])
+    },
     plain("S3", "whole-cluster crash", &[FaultKind::KillAll]),
     plain("S4", "pause (stale leader)", &[FaultKind::Pause]),
     plain("S5", "pause + kill", &[FaultKind::Kill, FaultKind::Pause]),
     plain("S6", "network partitions", &[FaultKind::Partition]),
-    plain("S16", "rolling bounce chasing the leader", &[FaultKind::Bounce]),
+    Scenario {
+        releader_limit: Some(REELECT_3X),
+        ..plain("S16", "rolling bounce chasing the leader", &[FaultKind::Bounce])
+    },
     Scenario {
         // About 60 entries of one small record each: with brokers checking retention every second, logs
         // are cut and purged every few seconds, so a follower down for one fault interval must install a
@@ -64,6 +77,8 @@ const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         partitions: 334,
+        // Every group has a leader within the recovery gate (FAILOVER.md S19).
+        releader_limit: Some(30.0),
         ..plain(
             "S19",
             "multi-raft scale: 1,000 partitions under kill, pause and partitions",
