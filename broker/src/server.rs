@@ -14,7 +14,7 @@ use crate::service::FlotillaService;
 /// streams never drain by themselves, so the wait must be bounded.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How long a stopping broker waits for the groups it leads to take new leaders.
-const HAND_OFF_LIMIT: Duration = Duration::from_secs(5);
+const HAND_OFF_LIMIT: Duration = Duration::from_secs(2);
 
 /// How often the node looks for a group stopped by a storage failure.
 const STORAGE_CHECK_INTERVAL: Duration = Duration::from_secs(1);

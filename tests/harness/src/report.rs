@@ -19,6 +19,9 @@ pub fn summary(r: &RunReport) -> String {
     }
     for f in &r.faults {
         let releader = match (f.measured, f.releader_s) {
+            (true, Some(s)) if f.graceful => {
+                format!(" (every partition led again {s:.1} s after SIGTERM, the graceful stop included)")
+            }
             (true, Some(s)) => format!(" (every partition led again after {s:.1} s)"),
             (true, None) => " (some partition had no live leader all along)".into(),
             (false, _) => String::new(),
