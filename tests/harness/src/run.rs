@@ -417,6 +417,10 @@ async fn run_nemesis(
     (events, error)
 }
 
+/// How long one metadata call of the re-election measurement may take: with 1,000 partitions (S19) a
+/// loaded debug broker can take a second to answer.
+const METADATA_WAIT: Duration = Duration::from_secs(3);
+
 /// Polls the nodes not in `down` every 100 ms until every partition has a live leader outside `down`, as
 /// its own replicas see it (a node's view of a partition it does not host can be stale); returns the
 /// seconds on the run's clock when it did.
@@ -424,13 +428,13 @@ async fn every_partition_led(shared: &Shared, addrs: &BTreeMap<u64, String>, dow
     let clients: Vec<(u64, Client)> = addrs
         .iter()
         .filter(|(id, _)| !down.contains(id))
-        .map(|(id, a)| (*id, Client::new(vec![a.clone()]).with_deadline(Duration::from_millis(500))))
+        .map(|(id, a)| (*id, Client::new(vec![a.clone()]).with_deadline(METADATA_WAIT)))
         .collect();
     loop {
         // (topic, partition) -> whether one of its live replicas names a live leader outside `down`.
         let mut led: HashMap<(String, u32), bool> = HashMap::new();
         for (id, client) in &clients {
-            let Ok(Ok(md)) = tokio::time::timeout(Duration::from_millis(500), client.metadata()).await else {
+            let Ok(Ok(md)) = tokio::time::timeout(METADATA_WAIT, client.metadata()).await else {
                 continue;
             };
             let live: HashSet<u64> =
