@@ -438,10 +438,11 @@ impl RaftNode {
     /// leads.
     pub async fn hand_off_leaderships(&self, limit: Duration) -> (usize, usize) {
         let me = self.id;
-        for g in self.groups() {
+        let groups = self.groups();
+        for g in &groups {
             g.raft.runtime_config().elect(false);
         }
-        let led: Vec<Group> = self.groups().into_iter().filter(|g| g.is_leader(me)).collect();
+        let led: Vec<Group> = groups.into_iter().filter(|g| g.is_leader(me)).collect();
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let still: Vec<&Group> = led.iter().filter(|g| g.is_leader(me)).collect();

@@ -165,6 +165,14 @@ pub struct Injected {
     pub heal: Heal,
 }
 
+/// Bounces that stop the leader with SIGTERM before the rest use kill -9 (Kafka's `replication_test`).
+const SIGTERM_BOUNCES: usize = 5;
+
+/// Whether a fault of `kind`, after `bounces` earlier bounces, stops its node with SIGTERM.
+pub fn stops_gracefully(kind: FaultKind, bounces: usize) -> bool {
+    kind == FaultKind::Term || (kind == FaultKind::Bounce && bounces < SIGTERM_BOUNCES)
+}
+
 /// `count` nodes, those leading the most partitions first (ties by id).
 fn busiest(leaderships: &BTreeMap<u64, u32>, ids: &[u64], count: usize) -> Vec<u64> {
     let mut ranked = ids.to_vec();
@@ -223,12 +231,13 @@ pub fn inject(
             Injected { description: "kill -9 every node".into(), heal: Heal::Restart(ids.clone()) }
         }
         FaultKind::Bounce => {
-            if bounces < 5 {
+            let graceful = stops_gracefully(p.kind, bounces);
+            if graceful {
                 cluster.terminate(leader, Duration::from_secs(10))?;
             } else {
                 cluster.kill(leader)?;
             }
-            let how = if bounces < 5 { "SIGTERM" } else { "kill -9" };
+            let how = if graceful { "SIGTERM" } else { "kill -9" };
             Injected {
                 description: format!("bounce the leader, node {leader} ({how})"),
                 heal: Heal::Restart(vec![leader]),

@@ -18,14 +18,7 @@ pub fn summary(r: &RunReport) -> String {
         let _ = writeln!(out, "  none");
     }
     for f in &r.faults {
-        let releader = match (f.measured, f.releader_s) {
-            (true, Some(s)) if f.graceful => {
-                format!(" (every partition led again {s:.1} s after SIGTERM, the graceful stop included)")
-            }
-            (true, Some(s)) => format!(" (every partition led again after {s:.1} s)"),
-            (true, None) => " (some partition had no live leader all along)".into(),
-            (false, _) => String::new(),
-        };
+        let releader = f.releader_note();
         let _ = writeln!(out, "  {:7.1}s - {:7.1}s  {:<10} {}{releader}", f.start, f.end, f.kind.name(), f.description);
     }
     let _ = writeln!(

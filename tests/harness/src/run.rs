@@ -85,6 +85,21 @@ pub struct FaultEvent {
     pub graceful: bool,
 }
 
+impl FaultEvent {
+    /// How long the partitions went without a live leader, as a note for the fault's line ("" when not
+    /// measured).
+    pub fn releader_note(&self) -> String {
+        match (self.measured, self.releader_s) {
+            (true, Some(s)) if self.graceful => {
+                format!(" (every partition led again {s:.1} s after SIGTERM, the graceful stop included)")
+            }
+            (true, Some(s)) => format!(" (every partition led again after {s:.1} s)"),
+            (true, None) => " (some partition had no live leader all along)".into(),
+            (false, _) => String::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Gate {
     pub name: &'static str,
@@ -497,15 +512,6 @@ async fn nemesis_steps(
             nemesis::heal(c.as_mut(), &injected.heal)
         })?;
         let end = shared.clock.now();
-        match (stopped.is_some(), releader_s) {
-            (true, Some(r)) => {
-                println!("[{end:7.1}s] healed {} (every partition led again after {r:.1} s)", planned.kind)
-            }
-            (true, None) => {
-                println!("[{end:7.1}s] healed {} (some partition had no live leader all along)", planned.kind)
-            }
-            (false, _) => println!("[{end:7.1}s] healed {}", planned.kind),
-        }
         events.push(FaultEvent {
             kind: planned.kind,
             description: injected.description,
@@ -513,8 +519,11 @@ async fn nemesis_steps(
             end,
             releader_s,
             measured: stopped.is_some(),
-            graceful: planned.kind == FaultKind::Term || (planned.kind == FaultKind::Bounce && bounces < 5),
+            graceful: nemesis::stops_gracefully(planned.kind, bounces),
         });
+        if let Some(e) = events.last() {
+            println!("[{end:7.1}s] healed {}{}", planned.kind, e.releader_note());
+        }
     }
     Ok(())
 }
