@@ -10,9 +10,10 @@ use tonic::transport::server::TcpIncoming;
 use crate::broker::{Broker, BrokerConfig};
 use crate::service::FlotillaService;
 
-/// How long in-flight requests get to finish once shutdown starts. Peer connections carrying Raft
-/// streams never drain by themselves, so the wait must be bounded.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long in-flight requests get to finish once the groups have stopped (every request on a stopped
+/// group fails at once). A peer's idle replication stream into this node never ends by itself, so the
+/// wait must be bounded.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// How long a stopping broker waits for the groups it leads to take new leaders.
 const HAND_OFF_LIMIT: Duration = Duration::from_secs(2);
 
@@ -48,20 +49,26 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
     let collector = tokio::spawn(crate::metrics::run_collector(broker.clone(), stop_rx));
     let (server_stop_tx, server_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = tonic::transport::Server::builder()
-        .add_service(broker.node.transport_service())
-        .add_service(FlotillaService::new(Arc::clone(&broker)).into_server())
-        .serve_with_incoming_shutdown(incoming, async {
-            let _ = server_stop_rx.await;
-        });
-    tokio::pin!(server);
+    // The server runs as its own task: its accept loop must keep running through the controlled
+    // shutdown below. A new leader elected by the hand-off may have to dial this node afresh (its
+    // channel here was closed, say by an earlier restart) to tell it so; were new connections refused
+    // meanwhile, this node would go on believing it leads until the hand-off limit.
+    let mut server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(broker.node.transport_service())
+            .add_service(FlotillaService::new(Arc::clone(&broker)).into_server())
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = server_stop_rx.await;
+            }),
+    );
     let served = tokio::select! {
-        r = &mut server => r,
+        r = &mut server => served(r),
         (group, why) = storage_failed(&broker) => {
             // The store refused a write or a sync: every group shares it, and RocksDB will not take
             // writes again in this process. Exit, so that a supervisor restarts the node once the disk is
             // healthy; it then recovers from its synced WAL and catches up from its peers.
             tracing::error!(node = broker.config.node_id, group, "storage failed: {why}; the broker stops");
+            server.abort();
             return Err(anyhow::anyhow!("storage failed in group {group}: {why}"));
         }
         _ = shutdown => {
@@ -75,14 +82,15 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
             // A controlled shutdown: leaderships go to caught-up replicas first, so clients move on at
             // once instead of waiting out an election timeout.
             let (led, still) = broker.node.hand_off_leaderships(HAND_OFF_LIMIT).await;
-            tracing::info!(node = broker.config.node_id, led, still, "handed off leaderships");
+            tracing::info!(node = broker.config.node_id, "handed off {} of {led} leaderships", led - still);
             // Stopping the groups first ends the Raft streams that keep peer connections open.
             broker.node.shutdown().await;
             let _ = server_stop_tx.send(());
             match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
-                Ok(r) => r,
+                Ok(r) => served(r),
                 Err(_) => {
-                    tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; closing them");
+                    tracing::info!("connections still open after {SHUTDOWN_GRACE:?}; closing them");
+                    server.abort();
                     Ok(())
                 }
             }
@@ -90,5 +98,13 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
     };
     broker.node.shutdown().await;
     tracing::info!(node = broker.config.node_id, "broker stopped");
-    served.context("the gRPC server failed")
+    served
+}
+
+/// The outcome of the server task.
+fn served(joined: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>) -> anyhow::Result<()> {
+    match joined {
+        Ok(r) => r.context("the gRPC server failed"),
+        Err(e) => Err(anyhow::anyhow!("the gRPC server task failed: {e}")),
+    }
 }

@@ -31,6 +31,8 @@ struct TestCluster {
     procs: BTreeMap<u64, Child>,
     /// Flags every broker started from now on gets as well.
     extra_args: Vec<String>,
+    /// Flags one broker gets on top of those.
+    node_args: BTreeMap<u64, Vec<String>>,
 }
 
 fn free_port() -> u16 {
@@ -47,7 +49,7 @@ impl TestCluster {
         let addrs: BTreeMap<u64, String> = (1..=n).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
         let metrics: BTreeMap<u64, String> = (1..=n).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
         let extra_args = extra_args.iter().map(|a| a.to_string()).collect();
-        let mut c = TestCluster { dir, addrs, metrics, procs: BTreeMap::new(), extra_args };
+        let mut c = TestCluster { dir, addrs, metrics, procs: BTreeMap::new(), extra_args, node_args: BTreeMap::new() };
         for id in 1..=n {
             c.start_node(id);
         }
@@ -72,6 +74,7 @@ impl TestCluster {
             .args(["--metrics-listen", &self.metrics[&id]])
             .args(["--retention-check-interval-ms", "200"])
             .args(&self.extra_args)
+            .args(self.node_args.get(&id).into_iter().flatten())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -486,6 +489,127 @@ async fn sigterm_stops_a_broker_promptly_and_it_restarts_with_its_data() {
     .await;
 }
 
+/// A TCP proxy in front of one broker whose connections can be cut, and whose new connections can be
+/// held (accepted, but not yet forwarded) until it is opened again.
+struct GatedProxy {
+    addr: String,
+    open: tokio::sync::watch::Sender<bool>,
+    links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl GatedProxy {
+    async fn start(target: String) -> GatedProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy address").to_string();
+        let (open, gate) = tokio::sync::watch::channel(true);
+        let links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Default::default();
+        let tracked = links.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut gate = gate.clone();
+                let target = target.clone();
+                let link = tokio::spawn(async move {
+                    if gate.wait_for(|open| *open).await.is_err() {
+                        return;
+                    }
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                tracked.lock().unwrap_or_else(|p| p.into_inner()).push(link);
+            }
+        });
+        GatedProxy { addr, open, links }
+    }
+
+    /// Closes every forwarded connection and holds new ones.
+    fn cut_and_hold(&self) {
+        self.open.send_replace(false);
+        for link in self.links.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            link.abort();
+        }
+    }
+
+    fn open(&self) {
+        self.open.send_replace(true);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_broker_still_accepts_connections_and_hands_off_every_leadership() {
+    // Nodes 1 and 3 reach node 2's Raft service only through a proxy.
+    let listen_2 = format!("127.0.0.1:{}", free_port());
+    let proxy = GatedProxy::start(listen_2.clone()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let addrs = BTreeMap::from([
+        (1, format!("127.0.0.1:{}", free_port())),
+        (2, listen_2),
+        (3, format!("127.0.0.1:{}", free_port())),
+    ]);
+    let metrics = (1..=3).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
+    let route = vec!["--raft-peer-routes".to_string(), format!("2={}", proxy.addr)];
+    let node_args = BTreeMap::from([(1, route.clone()), (3, route)]);
+    let mut cluster = TestCluster { dir, addrs, metrics, procs: BTreeMap::new(), extra_args: Vec::new(), node_args };
+    for id in 1..=3 {
+        cluster.start_node(id);
+    }
+    cluster.wait_ready().await;
+    let client = cluster.client();
+    // Two replicas per partition: the new leader of a partition node 2 leads needs node 2's vote, so it
+    // must reach node 2 while node 2 stops.
+    client.create_topic("handed", 6, 2, vec![]).await.expect("create");
+    // As node 2 itself sees it: another node's view of a partition it does not host may be stale.
+    let node_2 = Client::new(vec![cluster.addrs[&2].clone()]);
+    let led_by_2 = async || -> Vec<(u32, u64)> {
+        let Ok(md) = node_2.metadata().await else { return Vec::new() };
+        let partitions = md.topics.iter().filter(|t| t.name == "handed").flat_map(|t| &t.partitions);
+        partitions
+            .filter(|p| p.leader == 2)
+            .filter_map(|p| p.replicas.iter().find(|r| **r != 2).map(|other| (p.partition, *other)))
+            .collect()
+    };
+    wait_for("node 2 to lead a partition", async || !led_by_2().await.is_empty()).await;
+    let handed_over = led_by_2().await;
+    // The peers' connections to node 2 are gone, so the candidates the hand-off starts must dial node 2
+    // anew, after it has begun to stop.
+    proxy.cut_and_hold();
+    let mut child = cluster.procs.remove(&2).expect("node 2");
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(status.success());
+    let log_2 = cluster.dir.path().join("node-2.log");
+    let log = || std::fs::read_to_string(&log_2).unwrap_or_default();
+    wait_for("node 2 to begin its shutdown", async || log().contains("shutting down")).await;
+    proxy.open();
+    let deadline = std::time::Instant::now() + WAIT;
+    while child.try_wait().expect("wait").is_none() {
+        assert!(std::time::Instant::now() < deadline, "broker 2 ignored SIGTERM\n{}", cluster.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // With node 2 gone, each of its partitions has one replica left, which can lead only if it won its
+    // election during the hand-off.
+    for (partition, other) in handed_over {
+        let survivor = Client::new(vec![cluster.addrs[&other].clone()]);
+        wait_for(&format!("node {other} to lead partition {partition}"), async || {
+            survivor.metadata().await.is_ok_and(|m| {
+                m.topics
+                    .iter()
+                    .filter(|t| t.name == "handed")
+                    .flat_map(|t| &t.partitions)
+                    .any(|p| p.partition == partition && p.leader == other)
+            })
+        })
+        .await;
+    }
+    // "handed off H of L leaderships"
+    let line = log().lines().find(|l| l.contains("handed off")).map(str::to_owned);
+    let line = line.unwrap_or_else(|| panic!("node 2 did not hand off\n{}", cluster.logs()));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == "off").expect("handed off H of L");
+    let (handed, led) = (words[at + 1], words[at + 3]);
+    assert_ne!(led, "0", "node 2 led nothing when it stopped: {line}");
+    assert_eq!(handed, led, "node 2 still led groups when it stopped: {line}\n{}", cluster.logs());
+}
+
 /// GETs `path` from `addr` over plain HTTP/1.1 and returns the body.
 async fn http_get(addr: &str, path: &str) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -538,7 +662,13 @@ async fn every_broker_serves_prometheus_metrics() {
     .await;
     let everywhere = |name: &str| scrapes.values().all(|s| s.iter().any(|(series, _)| series.starts_with(name)));
     let somewhere = |name: &str| scrapes.values().any(|s| s.iter().any(|(series, _)| series.starts_with(name)));
-    for name in ["flotilla_storage_fsyncs_total", "flotilla_raft_term", "flotilla_partition_leaderships"] {
+    for name in [
+        "flotilla_storage_fsyncs_total",
+        "flotilla_raft_term",
+        "flotilla_partition_leaderships",
+        "flotilla_raft_heartbeats_total",
+        "flotilla_raft_heartbeat_batches_total",
+    ] {
         assert!(everywhere(name), "a node does not export {name}");
     }
     for name in [
