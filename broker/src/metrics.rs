@@ -38,6 +38,9 @@ pub async fn run_collector(broker: Arc<Broker>, mut stop: tokio::sync::watch::Re
         counter!("flotilla_storage_fsync_bytes_total").absolute(sync.bytes);
         gauge!("flotilla_storage_fsync_seconds_sum").set(sync.sync_nanos_total as f64 / 1e9);
         gauge!("flotilla_storage_fsync_seconds_max").set(sync.sync_nanos_max as f64 / 1e9);
+        let (batches, beats) = broker.node.heartbeat_stats();
+        counter!("flotilla_raft_heartbeat_batches_total").absolute(batches);
+        counter!("flotilla_raft_heartbeats_total").absolute(beats);
         let engine = broker.node.engine().memory_usage();
         gauge!("flotilla_memory_budget_bytes").set(broker.config.memory.budget as f64);
         gauge!("flotilla_disk_free_bytes").set(broker.disk.free() as f64);

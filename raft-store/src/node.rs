@@ -92,6 +92,11 @@ impl RaftTiming {
             // its followers have on disk, and would write other entries under the same log ids, which the
             // followers then keep as matching.
             enable_leader_restore: Some(false),
+            // A follower first asks whether it could win. Without it, a follower whose log is behind
+            // starts a real election when its timer fires, takes a new term, and makes the up-to-date
+            // follower's own election at that term fail: after a leader's crash the group then waits
+            // out another election timeout (S2, S16: 5-6 s instead of 3-4 s).
+            enable_pre_vote: Some(true),
             ..Default::default()
         };
         config.validate().map(Arc::new).map_err(|e| io::Error::other(format!("raft config: {e}")))
@@ -334,6 +339,11 @@ impl RaftNode {
     /// The groups' shared tail-cache budget.
     pub fn tail_budget(&self) -> &Arc<TailBudget> {
         &self.tail
+    }
+
+    /// (batches, heartbeats) this node has sent its peers.
+    pub fn heartbeat_stats(&self) -> (u64, u64) {
+        self.pool.beat_stats().snapshot()
     }
 
     pub fn sync_stats(&self) -> SyncStatsSnapshot {

@@ -2,7 +2,9 @@
 //!
 //! The client side is a [`PeerPool`] (one lazily connected channel per peer, shared by all groups) and a
 //! per-group [`GroupNetworkFactory`] that openraft asks for clients. Replication uses a bidirectional
-//! `StreamAppend` stream, so several AppendEntries are in flight at once and answered in order. The server
+//! `StreamAppend` stream, so several AppendEntries are in flight at once and answered in order. Heartbeats
+//! do not take a stream each: the heartbeat clients of all groups towards one peer queue them for that
+//! peer's [`send_beats`] task, which sends whatever has queued as one `Heartbeat` batch. The server
 //! side, [`RaftTransportService`], routes each message to the group it names through a [`GroupLookup`].
 //!
 //! Conversions between openraft's types and the protobuf messages live here and only here.
@@ -10,7 +12,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,6 +43,10 @@ use crate::types::{Entry, LogId, NodeId, Snapshot, SnapshotMeta, TypeConfig, Vot
 pub const MESSAGE_BYTES_MAX: usize = 64 << 20;
 /// A response to an in-flight append not heard within this time fails the stream (e.g. a paused peer).
 const APPEND_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A heartbeat batch not answered within this time fails its heartbeats (a paused or cut-off peer).
+const BATCH_TIMEOUT: Duration = Duration::from_secs(1);
+/// The receiver's time for one heartbeat of a batch: the others do not wait for a slower group.
+const BEAT_BUDGET: Duration = Duration::from_millis(500);
 
 // ---- conversions -------------------------------------------------------------------------------
 
@@ -128,11 +134,61 @@ pub struct PeerPool {
     /// a NAT); the membership address still names the node everywhere else.
     routes: HashMap<NodeId, String>,
     channels: Mutex<HashMap<(NodeId, String), Channel>>,
+    /// Each peer's heartbeat queue, drained by its [`send_beats`] task.
+    beats: Mutex<HashMap<(NodeId, String), BeatQueue>>,
+    beat_stats: Arc<BeatStats>,
 }
+
+/// Heartbeats sent, and the batches they went in, to every peer together.
+#[derive(Debug, Default)]
+pub struct BeatStats {
+    batches: AtomicU64,
+    beats: AtomicU64,
+}
+
+impl BeatStats {
+    /// (batches, heartbeats) sent so far.
+    pub fn snapshot(&self) -> (u64, u64) {
+        (self.batches.load(Ordering::Relaxed), self.beats.load(Ordering::Relaxed))
+    }
+}
+
+/// One group's heartbeat, waiting for its peer's next batch.
+struct Beat {
+    request: pb::AppendRequest,
+    reply: tokio::sync::oneshot::Sender<Result<pb::AppendReply, Status>>,
+}
+
+type BeatQueue = tokio::sync::mpsc::UnboundedSender<Beat>;
 
 impl PeerPool {
     pub fn new(self_id: NodeId, routes: HashMap<NodeId, String>) -> Arc<Self> {
-        Arc::new(Self { self_id, routes, channels: Mutex::new(HashMap::new()) })
+        Arc::new(Self {
+            self_id,
+            routes,
+            channels: Mutex::new(HashMap::new()),
+            beats: Mutex::new(HashMap::new()),
+            beat_stats: Arc::default(),
+        })
+    }
+
+    pub fn beat_stats(&self) -> &BeatStats {
+        &self.beat_stats
+    }
+
+    /// The heartbeat queue towards `target`, its sending task started on first use. The queue needs no
+    /// bound: each group's heartbeat worker waits for its beat's outcome before it sends the next, so a
+    /// queue holds at most one beat per group.
+    fn beats(&self, target: NodeId, addr: &str) -> Result<BeatQueue, String> {
+        let mut beats = self.beats.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(queue) = beats.get(&(target, addr.to_owned())) {
+            return Ok(queue.clone());
+        }
+        let client = self.client(target, addr)?;
+        let (queue, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(send_beats(client, rx, self.beat_stats.clone()));
+        beats.insert((target, addr.to_owned()), queue.clone());
+        Ok(queue)
     }
 
     fn client(&self, target: NodeId, addr: &str) -> Result<RaftTransportClient<Channel>, String> {
@@ -160,6 +216,75 @@ impl PeerPool {
     }
 }
 
+/// Sends one peer's heartbeats: whatever queued while the previous batch was out goes as the next batch,
+/// so batches grow with the load and an idle link sends each beat at once. Ends when the pool is gone.
+async fn send_beats(
+    mut client: RaftTransportClient<Channel>,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<Beat>,
+    stats: Arc<BeatStats>,
+) {
+    while let Some(first) = queue.recv().await {
+        let mut beats = vec![first];
+        while let Ok(beat) = queue.try_recv() {
+            beats.push(beat);
+        }
+        // A beat whose worker gave up waiting (it timed out while an earlier batch was out) is stale.
+        beats.retain(|b| !b.reply.is_closed());
+        if beats.is_empty() {
+            continue;
+        }
+        let (heartbeats, replies): (Vec<_>, Vec<_>) = beats.into_iter().map(|b| (b.request, b.reply)).unzip();
+        let sent = heartbeats.len();
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats.beats.fetch_add(sent as u64, Ordering::Relaxed);
+        let outcomes = match tokio::time::timeout(BATCH_TIMEOUT, client.heartbeat(pb::HeartbeatBatch { heartbeats }))
+            .await
+        {
+            Ok(Ok(reply)) => Ok(reply.into_inner().outcomes),
+            Ok(Err(status)) => Err(status),
+            Err(_) => Err(Status::deadline_exceeded(format!("heartbeat batch not answered within {BATCH_TIMEOUT:?}"))),
+        };
+        match outcomes {
+            Ok(outcomes) if outcomes.len() == sent => {
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(from_pb_outcome(outcome));
+                }
+            }
+            Ok(outcomes) => {
+                let status = Status::internal(format!("{} outcomes for a batch of {sent} heartbeats", outcomes.len()));
+                for reply in replies {
+                    let _ = reply.send(Err(status.clone()));
+                }
+            }
+            Err(status) => {
+                for reply in replies {
+                    let _ = reply.send(Err(status.clone()));
+                }
+            }
+        }
+    }
+}
+
+fn pb_outcome(result: Result<pb::AppendReply, Status>) -> pb::HeartbeatOutcome {
+    use pb::heartbeat_outcome::Outcome;
+    let outcome = match result {
+        Ok(reply) => Outcome::Reply(reply),
+        Err(status) => {
+            Outcome::Error(pb::HeartbeatError { code: status.code() as i32, message: status.message().to_owned() })
+        }
+    };
+    pb::HeartbeatOutcome { outcome: Some(outcome) }
+}
+
+fn from_pb_outcome(outcome: pb::HeartbeatOutcome) -> Result<pb::AppendReply, Status> {
+    use pb::heartbeat_outcome::Outcome;
+    match outcome.outcome {
+        Some(Outcome::Reply(reply)) => Ok(reply),
+        Some(Outcome::Error(e)) => Err(Status::new(tonic::Code::from_i32(e.code), e.message)),
+        None => Err(Status::internal("empty heartbeat outcome")),
+    }
+}
+
 /// Hands openraft the clients of one group.
 pub struct GroupNetworkFactory {
     group: GroupId,
@@ -181,6 +306,18 @@ impl RaftNetworkFactory<TypeConfig> for GroupNetworkFactory {
             self_id: self.pool.self_id,
             target,
             client: self.pool.client(target, &node.addr),
+            beats: None,
+        }
+    }
+
+    /// Heartbeats (and the leader's lease probes for linearizable reads) go through the peer's batch.
+    async fn new_heartbeat_client(&mut self, target: NodeId, node: &BasicNode) -> GroupNetwork {
+        GroupNetwork {
+            group: self.group,
+            self_id: self.pool.self_id,
+            target,
+            client: self.pool.client(target, &node.addr),
+            beats: self.pool.beats(target, &node.addr).ok(),
         }
     }
 }
@@ -191,6 +328,8 @@ pub struct GroupNetwork {
     self_id: NodeId,
     target: NodeId,
     client: Result<RaftTransportClient<Channel>, String>,
+    /// Set for a heartbeat client: its appends join the peer's heartbeat batches.
+    beats: Option<BeatQueue>,
 }
 
 fn rpc_error(status: Status) -> RPCError<TypeConfig> {
@@ -236,6 +375,59 @@ impl GroupNetwork {
     }
 }
 
+/// The replies to a stream of appends, in order.
+type AppendReplies<'s> = BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>;
+
+/// The stream ends after its first error, as openraft expects.
+fn until_error<'s, T: Send + 's>(
+    items: impl Stream<Item = Result<T, RPCError<TypeConfig>>> + Send + 's,
+) -> BoxStream<'s, Result<T, RPCError<TypeConfig>>> {
+    Box::pin(items.scan(false, |failed, item| {
+        if *failed {
+            return futures::future::ready(None);
+        }
+        *failed = item.is_err();
+        futures::future::ready(Some(item))
+    }))
+}
+
+impl GroupNetwork {
+    /// A heartbeat client's appends: each joins the peer's next heartbeat batch, in turn.
+    fn beat_stream<'s, S>(
+        &self,
+        beats: BeatQueue,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<'s, Result<AppendReplies<'s>, RPCError<TypeConfig>>>
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        let (group, self_id, target) = (self.group, self.self_id, self.target);
+        let ttl = option.soft_ttl();
+        let replies = input.then(move |req| {
+            let beats = beats.clone();
+            async move {
+                let (reply, outcome) = tokio::sync::oneshot::channel();
+                if beats.send(Beat { request: pb_append(group, &req), reply }).is_err() {
+                    return Err(RPCError::Unreachable(Unreachable::from_string("the heartbeat sender stopped")));
+                }
+                match tokio::time::timeout(ttl, outcome).await {
+                    Err(_) => Err(RPCError::Timeout(Timeout {
+                        action: RPCTypes::AppendEntries,
+                        id: self_id,
+                        target,
+                        timeout: ttl,
+                    })),
+                    Ok(Err(_)) => Err(RPCError::Network(NetworkError::from_string("heartbeat dropped unanswered"))),
+                    Ok(Ok(Err(status))) => Err(rpc_error(status)),
+                    Ok(Ok(Ok(reply))) => from_pb_append_reply(reply).map_err(rpc_error),
+                }
+            }
+        });
+        Box::pin(async move { Ok(until_error(replies)) })
+    }
+}
+
 impl RaftNetworkV2<TypeConfig> for GroupNetwork {
     type SnapshotData = Bytes;
 
@@ -263,6 +455,9 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
     where
         S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
     {
+        if let Some(beats) = self.beats.clone() {
+            return self.beat_stream(beats, input, option);
+        }
         Box::pin(async move {
             let mut client = self.client()?;
             let group = self.group;
@@ -297,16 +492,8 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
                     Ok(None) => None,
                     Err(status) => Some((Err(rpc_error(status)), (replies, in_flight))),
                 }
-            })
-            // The stream ends after its first error, as openraft expects.
-            .scan(false, |failed, item| {
-                if *failed {
-                    return futures::future::ready(None);
-                }
-                *failed = item.is_err();
-                futures::future::ready(Some(item))
             });
-            Ok(Box::pin(stream) as BoxStream<'s, _>)
+            Ok(until_error(stream))
         })
     }
 
@@ -473,8 +660,36 @@ async fn append_replies<L: GroupLookup>(lookup: Arc<L>, mut incoming: Streaming<
     Box::pin(replies)
 }
 
+/// One heartbeat of a batch, answered within [`BEAT_BUDGET`].
+async fn beat<L: GroupLookup>(lookup: Arc<L>, beat: pb::AppendRequest) -> pb::HeartbeatOutcome {
+    let group = beat.group_id;
+    let reply = async {
+        let raft = lookup.raft(group).ok_or_else(|| Status::not_found(format!("group {group} is not hosted here")))?;
+        let req = from_pb_append(beat)?;
+        let mut replies = Box::pin(raft.stream_append(futures::stream::iter([req])));
+        match replies.next().await {
+            Some(Ok(result)) => Ok(pb_append_reply(result)),
+            Some(Err(fatal)) => Err(fatal_status(fatal)),
+            None => Err(Status::internal(format!("group {group} did not answer a heartbeat"))),
+        }
+    };
+    let result = tokio::time::timeout(BEAT_BUDGET, reply).await.unwrap_or_else(|_| {
+        Err(Status::deadline_exceeded(format!("group {group} did not answer a heartbeat within {BEAT_BUDGET:?}")))
+    });
+    pb_outcome(result)
+}
+
 #[tonic::async_trait]
 impl<L: GroupLookup> RaftTransport for RaftTransportService<L> {
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatBatch>,
+    ) -> Result<TonicResponse<pb::HeartbeatReplies>, Status> {
+        let beats = request.into_inner().heartbeats.into_iter().map(|b| beat(self.lookup.clone(), b));
+        let outcomes = futures::future::join_all(beats).await;
+        Ok(TonicResponse::new(pb::HeartbeatReplies { outcomes }))
+    }
+
     type StreamAppendStream = ReplyStream;
 
     async fn stream_append(
@@ -541,5 +756,93 @@ impl<L: GroupLookup> RaftTransport for RaftTransportService<L> {
             Err(TransferLeaderError::LogNotFlushed { .. }) => R::LogNotFlushed(true),
         };
         Ok(TonicResponse::new(pb::TransferLeaderReply { result: Some(result) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node that hosts no group: every heartbeat it gets is for a group it does not know.
+    struct NoGroups;
+
+    impl GroupLookup for NoGroups {
+        fn raft(&self, _group: GroupId) -> Option<GroupRaft> {
+            None
+        }
+    }
+
+    async fn serve_no_groups() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let service = RaftTransportService::new(Arc::new(NoGroups)).into_server();
+        tokio::spawn(tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming));
+        addr
+    }
+
+    fn heartbeat(group: GroupId) -> pb::AppendRequest {
+        pb::AppendRequest {
+            group_id: group,
+            vote: Some(pb::Vote { term: 1, node_id: 1, committed: true }),
+            prev_log_id: None,
+            entries: Vec::new(),
+            leader_commit: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn heartbeats_queued_together_go_in_one_batch_and_each_gets_its_own_outcome() {
+        let addr = serve_no_groups().await;
+        let pool = PeerPool::new(1, HashMap::new());
+        let client = pool.client(2, &addr).expect("client");
+        let (queue, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut outcomes = Vec::new();
+        for group in [7, 8, 9] {
+            let (reply, outcome) = tokio::sync::oneshot::channel();
+            queue.send(Beat { request: heartbeat(group), reply }).expect("queue");
+            outcomes.push((group, outcome));
+        }
+        // A beat whose worker stopped waiting is not sent.
+        let (reply, gave_up) = tokio::sync::oneshot::channel();
+        queue.send(Beat { request: heartbeat(10), reply }).expect("queue");
+        drop(gave_up);
+        let stats = Arc::new(BeatStats::default());
+        let sender = tokio::spawn(send_beats(client, rx, stats.clone()));
+        for (group, outcome) in outcomes {
+            let status = outcome.await.expect("an outcome").expect_err("no group is hosted");
+            assert_eq!(status.code(), tonic::Code::NotFound);
+            assert!(status.message().contains(&format!("group {group} ")), "{status:?}");
+        }
+        assert_eq!(stats.snapshot(), (1, 3));
+        // The task ends with its queue.
+        drop(queue);
+        sender.await.expect("the sender ends");
+    }
+
+    #[tokio::test]
+    async fn a_heartbeat_batch_to_an_unreachable_peer_fails_each_heartbeat() {
+        // Nothing listens here once the listener is dropped.
+        let addr = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr");
+        let pool = PeerPool::new(1, HashMap::new());
+        let queue = pool.beats(2, &addr.to_string()).expect("queue");
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        queue.send(Beat { request: heartbeat(7), reply }).expect("queue");
+        let status = outcome.await.expect("an outcome").expect_err("the peer is down");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        // The same queue serves the next call.
+        assert!(pool.beats(2, &addr.to_string()).expect("queue").same_channel(&queue));
+    }
+
+    #[test]
+    fn heartbeat_outcomes_survive_the_wire() {
+        let reply = pb::AppendReply { result: Some(pb::append_reply::Result::MatchedEmpty(true)) };
+        assert_eq!(from_pb_outcome(pb_outcome(Ok(reply))).expect("reply"), reply);
+        let status = from_pb_outcome(pb_outcome(Err(Status::not_found("gone")))).expect_err("error");
+        assert_eq!((status.code(), status.message()), (tonic::Code::NotFound, "gone"));
+        assert_eq!(
+            from_pb_outcome(pb::HeartbeatOutcome { outcome: None }).expect_err("empty").code(),
+            tonic::Code::Internal
+        );
     }
 }
