@@ -34,6 +34,9 @@ pub const RECOVERY_GATE: f64 = 30.0;
 pub const AVAILABILITY_GATE: f64 = 0.9;
 /// Final reads give up after this long (FAILOVER.md: up to 200 s).
 const FINAL_READ_LIMIT: Duration = Duration::from_secs(200);
+/// Keys read at once in the final phase (S19 has a thousand): enough to overlap round trips, few enough
+/// not to time out on a loaded debug cluster.
+const FINAL_READS_PARALLEL: usize = 32;
 /// The cluster must accept the first topics within this long of starting.
 const SETUP_LIMIT: Duration = Duration::from_secs(90);
 /// Replicas get this long after the final reads to converge before they are compared.
@@ -73,7 +76,8 @@ pub struct FaultEvent {
     pub start: f64,
     pub end: f64,
     /// For a fault that stopped some nodes but not all: seconds until every partition had a live leader
-    /// again (None if not within the hold).
+    /// again (None if not within the hold), counted from the moment the target reported the nodes dead
+    /// for a kill -9 (the docker CLI's own latency is not the brokers'), from the signal for a SIGTERM.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub releader_s: Option<f64>,
     /// Whether `releader_s` was measured (a fault that stopped some nodes but not all).
@@ -487,6 +491,8 @@ async fn nemesis_steps(
             let mut c = cluster.lock().unwrap_or_else(|p| p.into_inner());
             nemesis::inject(c.as_mut(), &planned, &leaders, bounces)
         })?;
+        let graceful = nemesis::stops_gracefully(planned.kind, bounces);
+        let stopped_at = if graceful { start } else { shared.clock.now() };
         println!("[{start:7.1}s] {}: {}", planned.kind, injected.description);
         let hold = Duration::from_secs_f64(planned.hold);
         // A fault that stopped some nodes but not all: how long until the rest led every partition.
@@ -500,7 +506,7 @@ async fn nemesis_steps(
                     tokio::time::timeout(hold, every_partition_led(shared, addrs, down)),
                     tokio::time::sleep(hold)
                 );
-                led.ok().map(|at| at - start)
+                led.ok().map(|at| at - stopped_at)
             }
             None => {
                 tokio::time::sleep(hold).await;
@@ -519,7 +525,7 @@ async fn nemesis_steps(
             end,
             releader_s,
             measured: stopped.is_some(),
-            graceful: nemesis::stops_gracefully(planned.kind, bounces),
+            graceful,
         });
         if let Some(e) = events.last() {
             println!("[{end:7.1}s] healed {}{}", planned.kind, e.releader_note());
@@ -650,7 +656,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<RunReport> {
     let addrs: BTreeMap<u64, String> =
         cluster.ids().into_iter().filter_map(|id| cluster.addr(id).map(|a| (id, a))).collect();
     let cluster = Arc::new(Mutex::new(cluster));
-    let result = drive(config.clone(), cluster.clone(), bootstrap, addrs, target).await;
+    let result = tokio::select! {
+        r = drive(config.clone(), cluster.clone(), bootstrap, addrs, target) => r,
+        signal = interrupted() => Err(anyhow::anyhow!("stopped by {signal}; the cluster was torn down, nothing was judged")),
+    };
     let log_lines = tokio::task::block_in_place(|| {
         let mut c = cluster.lock().unwrap_or_else(|p| p.into_inner());
         c.stop_all();
@@ -660,6 +669,29 @@ pub async fn run(config: RunConfig) -> anyhow::Result<RunReport> {
     report.history.node_log_lines = log_lines;
     report.judge(&config);
     Ok(report)
+}
+
+/// Resolves on SIGINT or SIGTERM, with the signal's name: a run stopped from outside (a CI timeout, a
+/// person's Ctrl-C) still stops its brokers or containers and releases its mounts.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(mut int), Ok(mut term)) => tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        },
+        // Without signal handlers the run can only end by itself.
+        _ => std::future::pending().await,
+    }
+}
+
+/// Aborts a task when dropped: the nemesis must not restart a node after the run tore the cluster down.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 async fn drive(
@@ -704,10 +736,11 @@ async fn drive(
         tasks.push(tokio::spawn(consumer(shared.clone(), bootstrap.clone(), c)));
     }
     tasks.push(tokio::spawn(offsets_reader(shared.clone())));
-    let nemesis = tokio::spawn(run_nemesis(cluster.clone(), shared.clone(), schedule.clone(), addrs.clone()));
+    let mut nemesis =
+        AbortOnDrop(tokio::spawn(run_nemesis(cluster.clone(), shared.clone(), schedule.clone(), addrs.clone())));
 
     tokio::time::sleep(Duration::from_secs_f64(config.duration)).await;
-    let (faults, nemesis_error) = match nemesis.await {
+    let (faults, nemesis_error) = match (&mut nemesis.0).await {
         Ok(done) => done,
         Err(e) => (Vec::new(), Some(format!("the nemesis task failed: {e}"))),
     };
@@ -727,9 +760,13 @@ async fn drive(
     let all_keys = shared.all_keys.read().unwrap_or_else(|p| p.into_inner()).clone();
     let reader = Arc::new(Client::new(bootstrap.clone()).with_deadline(RETRY_WINDOW));
     let mut reads = Vec::new();
+    let parallel = Arc::new(tokio::sync::Semaphore::new(FINAL_READS_PARALLEL));
     for key in all_keys.clone() {
-        let (shared, reader) = (shared.clone(), reader.clone());
-        reads.push(tokio::spawn(async move { recover_key(&shared, &reader, &key, deadline).await }));
+        let (shared, reader, parallel) = (shared.clone(), reader.clone(), parallel.clone());
+        reads.push(tokio::spawn(async move {
+            let _turn = parallel.acquire_owned().await;
+            recover_key(&shared, &reader, &key, deadline).await
+        }));
     }
     let mut recovered_at: Option<f64> = Some(healed);
     for r in reads {
@@ -764,11 +801,18 @@ async fn drive(
             *t = (*t).max(o + 1);
         }
     }
-    for key in &all_keys {
-        let target = targets.get(key).copied().unwrap_or(0);
-        let nodes = replicas.get(key).map_or(&[][..], |r| &r[..]);
-        read_replicas(&shared, &addrs, key, nodes, target, converge).await;
+    let addrs = Arc::new(addrs);
+    let mut replica_reads = tokio::task::JoinSet::new();
+    for key in all_keys.clone() {
+        let target = targets.get(&key).copied().unwrap_or(0);
+        let nodes = replicas.get(&key).cloned().unwrap_or_default();
+        let (shared, addrs, parallel) = (shared.clone(), addrs.clone(), parallel.clone());
+        replica_reads.spawn(async move {
+            let _turn = parallel.acquire_owned().await;
+            read_replicas(&shared, &addrs, &key, &nodes, target, converge).await
+        });
     }
+    while replica_reads.join_next().await.is_some() {}
 
     let history = std::mem::take(&mut *shared.history.lock().unwrap_or_else(|p| p.into_inner()));
     Ok(RunReport {
