@@ -50,6 +50,10 @@ const FETCH_BYTES_DEFAULT: u32 = 1 << 20;
 const FETCH_BYTES_MAX: u32 = 16 << 20;
 /// A node this many entries behind the controller leader is reported as lagging.
 const LAGGING_ENTRIES: u64 = 100;
+/// How long metadata and describe wait for the controller leader's or another leader's view. Short: a
+/// node that has just died black-holes its address (no reset), and clients refresh metadata to find the
+/// new leaders.
+const LEADER_VIEW_WAIT: Duration = Duration::from_secs(1);
 /// Records in one produce request.
 const PRODUCE_RECORDS_MAX: usize = 100_000;
 
@@ -309,25 +313,37 @@ impl FlotillaService {
     }
 
     /// Fills in the partitions another broker leads with that leader's own view (in-sync replicas, offsets),
-    /// asking each leader once. A leader that does not answer leaves this node's view in place.
-    async fn merge_leader_views(&self, info: &mut pb::TopicInfo) {
+    /// asking each leader once per topic, all at once. A leader that does not answer within
+    /// [`LEADER_VIEW_WAIT`] leaves this node's view in place.
+    async fn merge_leader_views(&self, topics: &mut [pb::TopicInfo]) {
         let me = self.broker.config.node_id;
         // Leaders known here, and for partitions whose leader is unknown here (no replica on this node),
         // the preferred replica, which leads or knows who does.
-        let asked: BTreeSet<u64> = info
-            .partitions
-            .iter()
-            .filter_map(|p| if p.leader != 0 { Some(p.leader) } else { p.replicas.first().copied() })
-            .filter(|id| *id != me)
-            .collect();
-        for node in asked {
-            let Some(addr) = self.broker.node_addr(node) else { continue };
-            let Ok(mut client) = self.peers.client(&addr) else { continue };
-            let req = pb::DescribeTopicRequest { name: info.name.clone(), forwarded: true };
-            let Ok(Ok(remote)) = tokio::time::timeout(Duration::from_secs(2), client.describe_topic(req)).await else {
-                continue;
-            };
-            for r in remote.into_inner().partitions {
+        let mut asks: Vec<(usize, u64)> = Vec::new();
+        for (i, info) in topics.iter().enumerate() {
+            let nodes: BTreeSet<u64> = info
+                .partitions
+                .iter()
+                .filter_map(|p| if p.leader != 0 { Some(p.leader) } else { p.replicas.first().copied() })
+                .filter(|id| *id != me)
+                .collect();
+            asks.extend(nodes.into_iter().map(|node| (i, node)));
+        }
+        // All at once: a node that just died (its address black-holed) costs one wait, not one per topic.
+        let views = futures::future::join_all(asks.into_iter().map(|(i, node)| {
+            let name = topics[i].name.clone();
+            async move {
+                let addr = self.broker.node_addr(node)?;
+                let mut client = self.peers.client(&addr).ok()?;
+                let req = pb::DescribeTopicRequest { name, forwarded: true };
+                let remote = tokio::time::timeout(LEADER_VIEW_WAIT, client.describe_topic(req)).await.ok()?.ok()?;
+                Some((i, node, remote.into_inner().partitions))
+            }
+        }))
+        .await;
+        for (i, node, partitions) in views.into_iter().flatten() {
+            let info = &mut topics[i];
+            for r in partitions {
                 let Some(p) = info.partitions.iter_mut().find(|p| p.partition == r.partition) else { continue };
                 // The leader's own view wins; otherwise fill in what this node did not know.
                 if r.leader == node || (p.leader == 0 && r.leader != 0) {
@@ -646,7 +662,7 @@ impl Flotilla for FlotillaService {
         let topic = self.topic(&req.name)?;
         let mut info = self.topic_info(&topic);
         if !req.forwarded {
-            self.merge_leader_views(&mut info).await;
+            self.merge_leader_views(std::slice::from_mut(&mut info)).await;
         }
         Ok(TonicResponse::new(info))
     }
@@ -657,19 +673,19 @@ impl Flotilla for FlotillaService {
     ) -> Result<TonicResponse<pb::MetadataResponse>, Status> {
         let req = request.into_inner();
         // Only the controller leader sees every node's replication progress: ask it when it is elsewhere.
-        if let Ok(Route::Forward(addr)) = self.controller_route_for(req.forwarded)
-            && let Ok(resp) =
-                forward_client(&self.peers, &addr)?.metadata(pb::MetadataRequest { forwarded: true }).await
-        {
-            return Ok(resp);
+        // A controller leader that does not answer soon (it may have just died) leaves this node's view.
+        if let Ok(Route::Forward(addr)) = self.controller_route_for(req.forwarded) {
+            let mut controller = forward_client(&self.peers, &addr)?;
+            let asked = controller.metadata(pb::MetadataRequest { forwarded: true });
+            if let Ok(Ok(resp)) = tokio::time::timeout(LEADER_VIEW_WAIT, asked).await {
+                return Ok(resp);
+            }
         }
         let controller = self.broker.node.group(CONTROLLER_GROUP);
         let controller_leader = controller.as_ref().and_then(|g| g.leader()).map_or(0, |(id, _)| id);
         let progress = controller.as_ref().map(|g| g.replica_progress()).unwrap_or_default();
         let mut topics: Vec<pb::TopicInfo> = self.broker.topics().iter().map(|t| self.topic_info(t)).collect();
-        for t in &mut topics {
-            self.merge_leader_views(t).await;
-        }
+        self.merge_leader_views(&mut topics).await;
         let mut leaderships: BTreeMap<u64, u32> = BTreeMap::new();
         for p in topics.iter().flat_map(|t| t.partitions.iter()) {
             if p.leader != 0 {
