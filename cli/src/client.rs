@@ -333,6 +333,14 @@ impl Client {
         .await
     }
 
+    /// The topic as the broker at `addr` sees it itself: for the partitions it holds a replica of, the
+    /// leader its replica knows, without asking other brokers. Not routed and not retried.
+    pub async fn local_view(&self, addr: &str, topic: &str) -> Result<pb::TopicInfo, BrokerError> {
+        let req = pb::DescribeTopicRequest { name: topic.to_owned(), forwarded: true };
+        let mut c = self.channel(addr)?;
+        c.describe_topic(req).await.map(|r| r.into_inner()).map_err(|s| BrokerError::from_status(&s))
+    }
+
     /// The replica of a partition held by the broker at `addr`, from `offset`, up to what it has applied.
     /// Not routed and not retried: it asks that node only.
     pub async fn read_replica(

@@ -1,7 +1,7 @@
 //! One harness run: start the cluster, run the workload under the nemesis, heal, read everything back,
 //! check the history and judge the gates.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -436,36 +436,48 @@ async fn run_nemesis(
     (events, error)
 }
 
-/// How long one metadata call of the re-election measurement may take: with 1,000 partitions (S19) a
-/// loaded debug broker can take a second to answer.
+/// How long one node's view of one topic may take in the re-election measurement: with 1,000 partitions
+/// (S19) a loaded debug broker can take a second to answer.
 const METADATA_WAIT: Duration = Duration::from_secs(3);
 
-/// Polls the nodes not in `down` every 100 ms until every partition has a live leader outside `down`, as
-/// its own replicas see it (a node's view of a partition it does not host can be stale); returns the
-/// seconds on the run's clock when it did.
+/// Polls the nodes not in `down` every 100 ms until every partition of the current topics has a live
+/// leader outside `down`, as its own replicas see it (each node's local view, which asks no other node: a
+/// view merged from other nodes waits on the dead ones); returns the seconds on the run's clock when it
+/// did.
 async fn every_partition_led(shared: &Shared, addrs: &BTreeMap<u64, String>, down: &[u64]) -> f64 {
-    let clients: Vec<(u64, Client)> = addrs
-        .iter()
-        .filter(|(id, _)| !down.contains(id))
-        .map(|(id, a)| (*id, Client::new(vec![a.clone()]).with_deadline(METADATA_WAIT)))
-        .collect();
+    let live: Vec<(u64, String)> =
+        addrs.iter().filter(|(id, _)| !down.contains(id)).map(|(id, a)| (*id, a.clone())).collect();
+    let down: Arc<Vec<u64>> = Arc::new(down.to_vec());
+    let client = Arc::new(Client::new(live.iter().map(|(_, a)| a.clone()).collect()));
     loop {
-        // (topic, partition) -> whether one of its live replicas names a live leader outside `down`.
-        let mut led: HashMap<(String, u32), bool> = HashMap::new();
-        for (id, client) in &clients {
-            let Ok(Ok(md)) = tokio::time::timeout(METADATA_WAIT, client.metadata()).await else {
-                continue;
-            };
-            let live: HashSet<u64> =
-                md.nodes.iter().filter(|n| n.alive && !down.contains(&n.node_id)).map(|n| n.node_id).collect();
-            for t in &md.topics {
-                for p in &t.partitions {
-                    let entry = led.entry((t.name.clone(), p.partition)).or_insert(false);
-                    *entry |= p.replicas.contains(id) && live.contains(&p.leader);
-                }
+        let topics: BTreeSet<String> = {
+            let current = shared.current.read().unwrap_or_else(|p| p.into_inner());
+            current.iter().map(|k| history::split_key(k).map_or(k.clone(), |(t, _)| t.to_owned())).collect()
+        };
+        let mut views = tokio::task::JoinSet::new();
+        for (id, addr) in &live {
+            for topic in &topics {
+                let (client, addr, topic, id) = (client.clone(), addr.clone(), topic.clone(), *id);
+                views.spawn(async move {
+                    let view = tokio::time::timeout(METADATA_WAIT, client.local_view(&addr, &topic)).await;
+                    (id, view)
+                });
             }
         }
-        if !led.is_empty() && led.values().all(|l| *l) {
+        // (topic, partition) -> whether one of its live replicas names a live leader outside `down`.
+        let mut led: HashMap<(String, u32), bool> = HashMap::new();
+        let mut answered = true;
+        while let Some(joined) = views.join_next().await {
+            let Ok((id, Ok(Ok(info)))) = joined else {
+                answered = false;
+                continue;
+            };
+            for p in &info.partitions {
+                let entry = led.entry((info.name.clone(), p.partition)).or_insert(false);
+                *entry |= p.replicas.contains(&id) && p.leader != 0 && !down.contains(&p.leader);
+            }
+        }
+        if answered && !led.is_empty() && led.values().all(|l| *l) {
             return shared.clock.now();
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
