@@ -17,6 +17,13 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// How long a stopping broker waits for the groups it leads to take new leaders.
 const HAND_OFF_LIMIT: Duration = Duration::from_secs(2);
 
+/// Streams a peer may reset before this server accepted them, at once, before the server drops the
+/// connection (h2's guard against a rapid-reset flood; its default is 20). A peer's link carries every
+/// group's Raft traffic: with a thousand groups on a loaded node, the RPCs its Raft cores give up on
+/// (an election's votes, a hand-off) can pass 20, and dropping the link then fails every group's
+/// replication at once, which makes more of them.
+const PENDING_RESETS_MAX: usize = 1000;
+
 /// How often the node looks for a group stopped by a storage failure.
 const STORAGE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -55,6 +62,7 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
     // meanwhile, this node would go on believing it leads until the hand-off limit.
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
+            .http2_max_pending_accept_reset_streams(Some(PENDING_RESETS_MAX))
             .add_service(broker.node.transport_service())
             .add_service(FlotillaService::new(Arc::clone(&broker)).into_server())
             .serve_with_incoming_shutdown(incoming, async {

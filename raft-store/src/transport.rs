@@ -43,6 +43,8 @@ use crate::types::{Entry, LogId, NodeId, Snapshot, SnapshotMeta, TypeConfig, Vot
 pub const MESSAGE_BYTES_MAX: usize = 64 << 20;
 /// A response to an in-flight append not heard within this time fails the stream (e.g. a paused peer).
 const APPEND_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a replication stream may take to be set up (the peer answers with headers at once).
+const APPEND_SETUP_TIMEOUT: Duration = Duration::from_secs(2);
 /// A heartbeat batch not answered within this time fails its heartbeats (a paused or cut-off peer).
 const BATCH_TIMEOUT: Duration = Duration::from_secs(1);
 /// The receiver's time for one heartbeat of a batch: the others do not wait for a slower group.
@@ -467,7 +469,10 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
                 sent.fetch_add(1, Ordering::SeqCst);
                 pb_append(group, &req)
             });
-            let ttl = option.soft_ttl();
+            // Setting a stream up waits for the peer to accept it: openraft's RPC time (3/4 of a heartbeat)
+            // is too short for a loaded peer, and each stream given up on resets an HTTP/2 stream, which
+            // the peer's server counts against its reset-flood guard.
+            let ttl = option.soft_ttl().max(APPEND_SETUP_TIMEOUT);
             let replies = tokio::time::timeout(ttl, client.stream_append(requests))
                 .await
                 .map_err(|_| self.timeout(RPCTypes::AppendEntries, ttl))?
