@@ -303,23 +303,23 @@ impl RaftNetworkFactory<TypeConfig> for GroupNetworkFactory {
     type Network = GroupNetwork;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> GroupNetwork {
-        GroupNetwork {
-            group: self.group,
-            self_id: self.pool.self_id,
-            target,
-            client: self.pool.client(target, &node.addr),
-            beats: None,
-        }
+        self.network(target, node, false)
     }
 
     /// Heartbeats (and the leader's lease probes for linearizable reads) go through the peer's batch.
     async fn new_heartbeat_client(&mut self, target: NodeId, node: &BasicNode) -> GroupNetwork {
+        self.network(target, node, true)
+    }
+}
+
+impl GroupNetworkFactory {
+    fn network(&self, target: NodeId, node: &BasicNode, heartbeats: bool) -> GroupNetwork {
         GroupNetwork {
             group: self.group,
             self_id: self.pool.self_id,
             target,
             client: self.pool.client(target, &node.addr),
-            beats: self.pool.beats(target, &node.addr).ok(),
+            beats: if heartbeats { self.pool.beats(target, &node.addr).ok() } else { None },
         }
     }
 }
@@ -332,6 +332,10 @@ pub struct GroupNetwork {
     client: Result<RaftTransportClient<Channel>, String>,
     /// Set for a heartbeat client: its appends join the peer's heartbeat batches.
     beats: Option<BeatQueue>,
+}
+
+fn timed_out(id: NodeId, target: NodeId, action: RPCTypes, ttl: Duration) -> RPCError<TypeConfig> {
+    RPCError::Timeout(Timeout { action, id, target, timeout: ttl })
 }
 
 fn rpc_error(status: Status) -> RPCError<TypeConfig> {
@@ -349,7 +353,7 @@ impl GroupNetwork {
     }
 
     fn timeout(&self, action: RPCTypes, ttl: Duration) -> RPCError<TypeConfig> {
-        RPCError::Timeout(Timeout { action, id: self.self_id, target: self.target, timeout: ttl })
+        timed_out(self.self_id, self.target, action, ttl)
     }
 
     async fn vote_rpc(
@@ -414,12 +418,7 @@ impl GroupNetwork {
                     return Err(RPCError::Unreachable(Unreachable::from_string("the heartbeat sender stopped")));
                 }
                 match tokio::time::timeout(ttl, outcome).await {
-                    Err(_) => Err(RPCError::Timeout(Timeout {
-                        action: RPCTypes::AppendEntries,
-                        id: self_id,
-                        target,
-                        timeout: ttl,
-                    })),
+                    Err(_) => Err(timed_out(self_id, target, RPCTypes::AppendEntries, ttl)),
                     Ok(Err(_)) => Err(RPCError::Network(NetworkError::from_string("heartbeat dropped unanswered"))),
                     Ok(Ok(Err(status))) => Err(rpc_error(status)),
                     Ok(Ok(Ok(reply))) => from_pb_append_reply(reply).map_err(rpc_error),
@@ -604,6 +603,25 @@ impl<L: GroupLookup> RaftTransportService<L> {
     fn raft(&self, group: GroupId) -> Result<GroupRaft, Status> {
         self.lookup.raft(group).ok_or_else(|| Status::not_found(format!("group {group} is not hosted here")))
     }
+
+    /// One heartbeat of a batch, answered within [`BEAT_BUDGET`].
+    async fn beat(&self, beat: pb::AppendRequest) -> pb::HeartbeatOutcome {
+        let group = beat.group_id;
+        let reply = async {
+            let raft = self.raft(group)?;
+            let req = from_pb_append(beat)?;
+            let mut replies = Box::pin(raft.stream_append(futures::stream::iter([req])));
+            match replies.next().await {
+                Some(Ok(result)) => Ok(pb_append_reply(result)),
+                Some(Err(fatal)) => Err(fatal_status(fatal)),
+                None => Err(Status::internal(format!("group {group} did not answer a heartbeat"))),
+            }
+        };
+        let result = tokio::time::timeout(BEAT_BUDGET, reply).await.unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded(format!("group {group} did not answer a heartbeat within {BEAT_BUDGET:?}")))
+        });
+        pb_outcome(result)
+    }
 }
 
 fn fatal_status(e: impl std::fmt::Display) -> Status {
@@ -665,32 +683,13 @@ async fn append_replies<L: GroupLookup>(lookup: Arc<L>, mut incoming: Streaming<
     Box::pin(replies)
 }
 
-/// One heartbeat of a batch, answered within [`BEAT_BUDGET`].
-async fn beat<L: GroupLookup>(lookup: Arc<L>, beat: pb::AppendRequest) -> pb::HeartbeatOutcome {
-    let group = beat.group_id;
-    let reply = async {
-        let raft = lookup.raft(group).ok_or_else(|| Status::not_found(format!("group {group} is not hosted here")))?;
-        let req = from_pb_append(beat)?;
-        let mut replies = Box::pin(raft.stream_append(futures::stream::iter([req])));
-        match replies.next().await {
-            Some(Ok(result)) => Ok(pb_append_reply(result)),
-            Some(Err(fatal)) => Err(fatal_status(fatal)),
-            None => Err(Status::internal(format!("group {group} did not answer a heartbeat"))),
-        }
-    };
-    let result = tokio::time::timeout(BEAT_BUDGET, reply).await.unwrap_or_else(|_| {
-        Err(Status::deadline_exceeded(format!("group {group} did not answer a heartbeat within {BEAT_BUDGET:?}")))
-    });
-    pb_outcome(result)
-}
-
 #[tonic::async_trait]
 impl<L: GroupLookup> RaftTransport for RaftTransportService<L> {
     async fn heartbeat(
         &self,
         request: Request<pb::HeartbeatBatch>,
     ) -> Result<TonicResponse<pb::HeartbeatReplies>, Status> {
-        let beats = request.into_inner().heartbeats.into_iter().map(|b| beat(self.lookup.clone(), b));
+        let beats = request.into_inner().heartbeats.into_iter().map(|b| self.beat(b));
         let outcomes = futures::future::join_all(beats).await;
         Ok(TonicResponse::new(pb::HeartbeatReplies { outcomes }))
     }

@@ -447,7 +447,6 @@ const METADATA_WAIT: Duration = Duration::from_secs(3);
 async fn every_partition_led(shared: &Shared, addrs: &BTreeMap<u64, String>, down: &[u64]) -> f64 {
     let live: Vec<(u64, String)> =
         addrs.iter().filter(|(id, _)| !down.contains(id)).map(|(id, a)| (*id, a.clone())).collect();
-    let down: Arc<Vec<u64>> = Arc::new(down.to_vec());
     let client = Arc::new(Client::new(live.iter().map(|(_, a)| a.clone()).collect()));
     loop {
         let topics: BTreeSet<String> = {
