@@ -156,6 +156,22 @@ fn route(
     }
 }
 
+/// How long a read waits for a new leader to commit its first entry before it is refused.
+const READY_WAIT: Duration = Duration::from_secs(1);
+
+/// A leader serves reads once it has applied an entry of its own term (`Group::serves_reads`); before
+/// that (a few milliseconds after an election) the read waits, and past [`READY_WAIT`] is refused as
+/// retryable, never answered from an applied state older than one a reader may already have seen.
+async fn check_serves_reads(group: &Group, me: u64, what: &str) -> Result<(), BrokerError> {
+    if group.wait_serves_reads(me, READY_WAIT).await {
+        return Ok(());
+    }
+    Err(BrokerError::new(
+        ErrorCode::LeaderNotAvailable,
+        format!("{what}: this leader has not yet committed its first entry; retry"),
+    ))
+}
+
 fn group_error(what: &str, e: GroupError) -> BrokerError {
     match e {
         GroupError::NotLeader { leader_addr, .. } => BrokerError::not_leader(what, leader_addr),
@@ -453,6 +469,9 @@ impl Flotilla for FlotillaService {
                         let leader = group.leader().and_then(|(_, addr)| addr);
                         return Some((Err(BrokerError::not_leader(&what, leader).into()), None));
                     }
+                    if !group.wait_serves_reads(me, READY_WAIT).await {
+                        continue;
+                    }
                     if group.sm.partition_state().high_watermark <= next {
                         Self::wait_for_data(&group, next, Duration::from_secs(1)).await;
                         continue;
@@ -507,7 +526,7 @@ impl Flotilla for FlotillaService {
 
     async fn fetch(&self, request: Request<pb::FetchRequest>) -> Result<TonicResponse<pb::FetchResponse>, Status> {
         let req = request.into_inner();
-        let (_, route) = self.partition_route(&req.topic, req.partition, req.forwarded)?;
+        let (what, route) = self.partition_route(&req.topic, req.partition, req.forwarded)?;
         let group = match route {
             Route::Forward(addr) => {
                 let forwarded = pb::FetchRequest { forwarded: true, ..req };
@@ -515,6 +534,7 @@ impl Flotilla for FlotillaService {
             }
             Route::Local(g) => g,
         };
+        check_serves_reads(&group, self.broker.config.node_id, &what).await?;
         let max_bytes = if req.max_bytes == 0 { FETCH_BYTES_DEFAULT } else { req.max_bytes.min(FETCH_BYTES_MAX) };
         let labels = [("topic", req.topic.clone()), ("partition", req.partition.to_string())];
         let started = Instant::now();

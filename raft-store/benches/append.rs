@@ -14,7 +14,7 @@ use openraft::storage::{IOFlushed, RaftLogStorage};
 use openraft::type_config::TypeConfigExt;
 
 use flotilla_raft_store::engine::{Engine, RocksConfig, RocksEngine};
-use flotilla_raft_store::log_store::{LogStore, TailBudget};
+use flotilla_raft_store::log_store::{CommittedSync, LogStore, TailBudget};
 use flotilla_raft_store::record_batch::{self, ProducerInfo, Record};
 use flotilla_raft_store::state_machine::encode_batches;
 use flotilla_raft_store::types::{Entry, TypeConfig, log_id};
@@ -79,7 +79,8 @@ async fn scenario(groups: u64, records_per_entry: usize, secs: u64) {
     let deadline = started + Duration::from_secs(secs);
     let tasks: Vec<_> = (1..=groups)
         .map(|g| {
-            let log = LogStore::open(g, engine.clone(), syncer.clone(), tail.clone()).expect("log store");
+            let log = LogStore::open(g, engine.clone(), syncer.clone(), tail.clone(), CommittedSync::Lazy)
+                .expect("log store");
             tokio::spawn(run_group(log, payload.clone(), deadline))
         })
         .collect();

@@ -136,7 +136,22 @@ pub struct LogShared {
     group: GroupId,
     engine: Arc<dyn Engine>,
     syncer: WalSyncer,
+    committed_sync: CommittedSync,
     inner: Mutex<LogInner>,
+}
+
+/// Whether `save_committed` waits for an fsync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommittedSync {
+    /// Durable before openraft applies anything at that index: after a restart the state machine is
+    /// re-applied up to the committed index at once, so a reader of this replica never sees it go back.
+    /// For groups whose state a restarted replica acts on before it hears from a leader (the controller).
+    Durable,
+    /// Written unsynced, durable with the next group commit; off the commit-to-apply path. After a crash
+    /// this replica may restart applied below what it showed before, until a leader's commit reaches it:
+    /// readers must be served only by a leader that has applied an entry of its own term
+    /// (`Group::serves_reads`). For partition logs.
+    Lazy,
 }
 
 /// One group's Raft log. Cloning gives another handle (openraft's log reader) onto the same log.
@@ -183,6 +198,7 @@ impl LogStore {
         engine: Arc<dyn Engine>,
         syncer: WalSyncer,
         budget: Arc<TailBudget>,
+        committed_sync: CommittedSync,
     ) -> io::Result<Self> {
         let vote = read_meta(&*engine, group, meta_tag::VOTE, "vote", codec::decode_vote)?;
         let committed = read_meta(&*engine, group, meta_tag::COMMITTED, "committed index", decode_log_id)?.flatten();
@@ -201,6 +217,7 @@ impl LogStore {
             group,
             engine,
             syncer,
+            committed_sync,
             inner: Mutex::new(LogInner {
                 last_purged,
                 last_log_id,
@@ -399,9 +416,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let g = self.shared.group;
         let mut batch = WriteBatch::new();
         batch.put(Cf::RaftMeta, keys::group_tag(g, meta_tag::COMMITTED), encode_log_id(committed.as_ref()));
-        // Durable before anything at this index is applied and shown to readers, so the high watermark
-        // never moves back across a restart. The fsync is shared with every other group's appends.
-        self.shared.write_synced(batch).await?;
+        match self.shared.committed_sync {
+            // The fsync is shared with every other group's appends.
+            CommittedSync::Durable => self.shared.write_synced(batch).await?,
+            // Written behind the entries it covers in the one WAL, so a crash never keeps it without them.
+            CommittedSync::Lazy => self.shared.write(batch)?,
+        }
         self.shared.lock().committed = committed;
         Ok(())
     }

@@ -21,12 +21,12 @@ use openraft::{BasicNode, Config, RaftMetrics, SnapshotPolicy};
 use crate::codec;
 use crate::engine::{Cf, Engine, WriteBatch};
 use crate::keys::{self, GroupId, meta_tag};
-use crate::log_store::{LogStore, TailBudget};
+use crate::log_store::{CommittedSync, LogStore, TailBudget};
 use crate::state_machine::{Cut, GroupStateMachine, Mode, SmShared};
 use flotilla_proto::raft::raft_transport_server::RaftTransportServer;
 
 use crate::transport::{GroupLookup, GroupNetworkFactory, PeerPool, RaftTransportService};
-use crate::types::{Command, NodeId, Raft, Response, TypeConfig};
+use crate::types::{Command, NodeId, Raft, Response, TypeConfig, term_of};
 use crate::wal::{SyncStatsSnapshot, WalSyncer};
 
 /// The Raft handle of a group.
@@ -136,6 +136,12 @@ pub struct GroupStatus {
     pub last_log_index: u64,
     pub committed_index: u64,
     pub applied_index: u64,
+}
+
+fn serves_reads(m: &RaftMetrics<TypeConfig>, node: NodeId) -> bool {
+    m.current_leader == Some(node)
+        && m.state.is_leader()
+        && m.last_applied.as_ref().is_some_and(|applied| term_of(applied) == m.current_term)
 }
 
 impl Group {
@@ -255,8 +261,27 @@ impl Group {
 
     /// Whether this node leads the group right now.
     pub fn is_leader(&self, node: NodeId) -> bool {
-        let m = self.metrics();
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
         m.current_leader == Some(node) && m.state.is_leader()
+    }
+
+    /// Whether this node leads the group and has applied an entry of its own term, so its applied state
+    /// holds every entry any earlier leader committed. Reads are served only then: a log-mode replica's
+    /// committed index is not fsynced (`CommittedSync::Lazy`), so a leader elected after a crash may
+    /// start applied below the high watermark readers already saw, until its term's first entry commits.
+    pub fn serves_reads(&self, node: NodeId) -> bool {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        serves_reads(&m, node)
+    }
+
+    /// Waits up to `timeout` for [`Group::serves_reads`]; returns whether it holds.
+    pub async fn wait_serves_reads(&self, node: NodeId, timeout: Duration) -> bool {
+        if self.serves_reads(node) {
+            return true;
+        }
+        self.raft.wait(Some(timeout)).metrics(|m| serves_reads(m, node), "leader serves reads").await.is_ok()
     }
 
     /// Log mode: removes every record below `before_offset` (whole entries only) on this replica.
@@ -374,7 +399,11 @@ impl RaftNode {
     }
 
     async fn start_group(&self, group: GroupId, mode: Mode) -> io::Result<Group> {
-        let log = LogStore::open(group, self.engine.clone(), self.syncer.clone(), self.tail.clone())?;
+        let committed_sync = match mode {
+            Mode::Log => CommittedSync::Lazy,
+            Mode::Kv => CommittedSync::Durable,
+        };
+        let log = LogStore::open(group, self.engine.clone(), self.syncer.clone(), self.tail.clone(), committed_sync)?;
         let sm = GroupStateMachine::open(group, mode, self.engine.clone(), log.shared().clone())?;
         let sm_shared = sm.shared().clone();
         let network = GroupNetworkFactory::new(group, self.pool.clone());

@@ -15,7 +15,7 @@ use tempfile::TempDir;
 
 use flotilla_raft_store::engine::{Cf, Engine, MemEngine, RocksConfig, RocksEngine};
 use flotilla_raft_store::keys;
-use flotilla_raft_store::log_store::{LogStore, TailBudget};
+use flotilla_raft_store::log_store::{CommittedSync, LogStore, TailBudget};
 use flotilla_raft_store::state_machine::{GroupStateMachine, Mode};
 use flotilla_raft_store::types::{Command, Entry, TypeConfig, Vote, log_id};
 use flotilla_raft_store::wal::WalSyncer;
@@ -25,8 +25,16 @@ fn storage_error(e: io::Error) -> StorageError<TypeConfig> {
 }
 
 fn open_store(engine: Arc<dyn Engine>, group: u64) -> io::Result<(LogStore, GroupStateMachine)> {
+    open_store_with(engine, group, CommittedSync::Durable)
+}
+
+fn open_store_with(
+    engine: Arc<dyn Engine>,
+    group: u64,
+    committed: CommittedSync,
+) -> io::Result<(LogStore, GroupStateMachine)> {
     let syncer = WalSyncer::start(engine.clone());
-    let log = LogStore::open(group, engine.clone(), syncer, TailBudget::new(8 << 20))?;
+    let log = LogStore::open(group, engine.clone(), syncer, TailBudget::new(8 << 20), committed)?;
     let sm = GroupStateMachine::open(group, Mode::Kv, engine, log.shared().clone())?;
     Ok((log, sm))
 }
@@ -123,6 +131,44 @@ async fn no_append_is_acknowledged_before_its_sync() {
     assert_eq!(reopened.try_get_log_entries(1..3).await.expect("read").len(), 2);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazy_committed_index_waits_for_no_fsync_and_is_durable_with_the_next_one() {
+    let mem = Arc::new(MemEngine::new());
+    let (mut log, _sm) = open_store_with(mem.clone(), 1, CommittedSync::Lazy).expect("store");
+    log.blocking_append([data_entry(1, 1), data_entry(1, 2)]).await.expect("append");
+    mem.pause_syncs(true);
+    let syncs = mem.syncs();
+    // Returns while every fsync is held: the commit-to-apply path never waits for the disk.
+    tokio::time::timeout(Duration::from_secs(10), log.save_committed(Some(log_id(1, 2))))
+        .await
+        .expect("save_committed waited for an fsync")
+        .expect("committed");
+    assert_eq!(mem.syncs(), syncs);
+    assert_eq!(log.read_committed().await.expect("committed"), Some(log_id(1, 2)));
+    mem.crash();
+    mem.pause_syncs(false);
+    let (mut reopened, _sm) = open_store_with(mem.clone(), 1, CommittedSync::Lazy).expect("reopen");
+    assert_eq!(reopened.read_committed().await.expect("committed"), None, "an unsynced committed index survived");
+    assert_eq!(reopened.get_log_state().await.expect("state").last_log_id, Some(log_id(1, 2)));
+    // The next group commit (here: the next append's) makes it durable.
+    reopened.save_committed(Some(log_id(1, 2))).await.expect("committed");
+    reopened.blocking_append([data_entry(1, 3)]).await.expect("append");
+    mem.crash();
+    let (mut again, _sm) = open_store_with(mem.clone(), 1, CommittedSync::Lazy).expect("reopen");
+    assert_eq!(again.read_committed().await.expect("committed"), Some(log_id(1, 2)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_committed_index_survives_a_crash() {
+    let mem = Arc::new(MemEngine::new());
+    let (mut log, _sm) = open_store(mem.clone(), 1).expect("store");
+    log.blocking_append([data_entry(1, 1)]).await.expect("append");
+    log.save_committed(Some(log_id(1, 1))).await.expect("committed");
+    mem.crash();
+    let (mut reopened, _sm) = open_store(mem.clone(), 1).expect("reopen");
+    assert_eq!(reopened.read_committed().await.expect("committed"), Some(log_id(1, 1)));
+}
+
 #[tokio::test]
 async fn a_crash_loses_only_unsynced_writes() {
     let mem = Arc::new(MemEngine::new());
@@ -184,7 +230,9 @@ async fn groups_share_the_tail_cache_budget_and_entries_past_it_are_read_from_th
     let entry = |i: u64| Entry::new_normal(log_id(1, i), Command(value.clone()));
     let mut logs = Vec::new();
     for group in 1..=4 {
-        logs.push(LogStore::open(group, engine.clone(), syncer.clone(), budget.clone()).expect("log"));
+        logs.push(
+            LogStore::open(group, engine.clone(), syncer.clone(), budget.clone(), CommittedSync::Durable).expect("log"),
+        );
     }
     for log in &mut logs {
         log.blocking_append((1..=200).map(entry)).await.expect("append");
