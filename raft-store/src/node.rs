@@ -138,10 +138,12 @@ pub struct GroupStatus {
     pub applied_index: u64,
 }
 
+fn leads(m: &RaftMetrics<TypeConfig>, node: NodeId) -> bool {
+    m.current_leader == Some(node) && m.state.is_leader()
+}
+
 fn serves_reads(m: &RaftMetrics<TypeConfig>, node: NodeId) -> bool {
-    m.current_leader == Some(node)
-        && m.state.is_leader()
-        && m.last_applied.as_ref().is_some_and(|applied| term_of(applied) == m.current_term)
+    leads(m, node) && m.last_applied.as_ref().is_some_and(|applied| term_of(applied) == m.current_term)
 }
 
 impl Group {
@@ -263,7 +265,7 @@ impl Group {
     pub fn is_leader(&self, node: NodeId) -> bool {
         let metrics = self.raft.metrics();
         let m = metrics.borrow_watched();
-        m.current_leader == Some(node) && m.state.is_leader()
+        leads(&m, node)
     }
 
     /// Whether this node leads the group and has applied an entry of its own term, so its applied state
