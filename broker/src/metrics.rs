@@ -4,12 +4,13 @@
 //! storage metrics are sampled once a second by [`run_collector`]. Labels are bounded: topic and partition
 //! (one series per partition hosted here), group id, node id. Nothing is recorded per record.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use metrics::{counter, gauge};
+use metrics::{Counter, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::PrometheusBuilder;
 
 use crate::broker::Broker;
@@ -25,6 +26,106 @@ pub fn install(listen: SocketAddr) -> anyhow::Result<()> {
         .context("metrics buckets")?
         .install()
         .with_context(|| format!("cannot serve metrics on {listen}"))
+}
+
+/// A request kind with per-partition metrics.
+#[derive(Clone, Copy)]
+pub enum RequestKind {
+    Produce,
+    Fetch,
+}
+
+impl RequestKind {
+    fn name(self) -> &'static str {
+        match self {
+            RequestKind::Produce => "produce",
+            RequestKind::Fetch => "fetch",
+        }
+    }
+}
+
+/// One request kind's handles for one topic-partition.
+struct KindHandles {
+    ok: Counter,
+    latency: Histogram,
+    records: Counter,
+    bytes: Counter,
+}
+
+/// The request metrics of one topic-partition, registered once: recording then costs a few atomic adds,
+/// not a registry lookup with label strings per request.
+pub struct PartitionMetrics {
+    labels: [(&'static str, String); 2],
+    produce: KindHandles,
+    fetch: KindHandles,
+}
+
+impl PartitionMetrics {
+    fn new(topic: &str, partition: u32) -> Self {
+        let labels = [("topic", topic.to_owned()), ("partition", partition.to_string())];
+        let kind = |kind: RequestKind| {
+            let name = kind.name();
+            let mut ok = labels.to_vec();
+            ok.push(("outcome", "ok".to_owned()));
+            KindHandles {
+                ok: counter!(format!("flotilla_{name}_requests_total"), &ok),
+                latency: histogram!(format!("flotilla_{name}_latency_seconds"), &labels),
+                records: counter!(format!("flotilla_{name}_records_total"), &labels),
+                bytes: counter!(format!("flotilla_{name}_bytes_total"), &labels),
+            }
+        };
+        let (produce, fetch) = (kind(RequestKind::Produce), kind(RequestKind::Fetch));
+        Self { labels, produce, fetch }
+    }
+
+    fn handles(&self, kind: RequestKind) -> &KindHandles {
+        match kind {
+            RequestKind::Produce => &self.produce,
+            RequestKind::Fetch => &self.fetch,
+        }
+    }
+
+    /// Counts a served request by its outcome (`None`: ok; else the error's code) and records its latency.
+    pub fn served(&self, kind: RequestKind, started: Instant, error: Option<&str>) {
+        let handles = self.handles(kind);
+        match error {
+            None => handles.ok.increment(1),
+            Some(code) => {
+                let mut labels = self.labels.to_vec();
+                labels.push(("outcome", code.to_owned()));
+                counter!(format!("flotilla_{}_requests_total", kind.name()), &labels).increment(1);
+            }
+        }
+        handles.latency.record(started.elapsed().as_secs_f64());
+    }
+
+    /// Counts records and bytes a request produced or fetched.
+    pub fn moved(&self, kind: RequestKind, records: u64, bytes: u64) {
+        let handles = self.handles(kind);
+        handles.records.increment(records);
+        handles.bytes.increment(bytes);
+    }
+}
+
+/// Every topic-partition's [`PartitionMetrics`] on this node, made on first use.
+#[derive(Default)]
+pub struct RequestMetrics {
+    by_topic: Mutex<HashMap<String, Vec<Option<Arc<PartitionMetrics>>>>>,
+}
+
+impl RequestMetrics {
+    pub fn partition(&self, topic: &str, partition: u32) -> Arc<PartitionMetrics> {
+        let mut by_topic = self.by_topic.lock().unwrap_or_else(|p| p.into_inner());
+        if !by_topic.contains_key(topic) {
+            by_topic.insert(topic.to_owned(), Vec::new());
+        }
+        let slots = by_topic.get_mut(topic).expect("inserted above");
+        let i = partition as usize;
+        if slots.len() <= i {
+            slots.resize(i + 1, None);
+        }
+        slots[i].get_or_insert_with(|| Arc::new(PartitionMetrics::new(topic, partition))).clone()
+    }
 }
 
 /// Samples Raft, high-watermark and storage state every second until `stop` fires.
@@ -78,5 +179,21 @@ pub async fn run_collector(broker: Arc<Broker>, mut stop: tokio::sync::watch::Re
             _ = tokio::time::sleep(COLLECT_INTERVAL) => {}
             _ = stop.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partitions_handles_are_made_once_and_kept_apart_from_others() {
+        let metrics = RequestMetrics::default();
+        let first = metrics.partition("orders", 3);
+        assert!(Arc::ptr_eq(&first, &metrics.partition("orders", 3)));
+        assert!(!Arc::ptr_eq(&first, &metrics.partition("orders", 0)));
+        assert!(!Arc::ptr_eq(&first, &metrics.partition("payments", 3)));
+        assert_eq!(first.labels[0].1, "orders");
+        assert_eq!(first.labels[1].1, "3");
     }
 }

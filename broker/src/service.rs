@@ -20,7 +20,6 @@ use flotilla_raft_store::partition::{self, ReadError};
 use flotilla_raft_store::record_batch::{self, ProducerInfo, Record, RecordHeader};
 use flotilla_raft_store::state_machine::KvCommand;
 use flotilla_raft_store::types::Response;
-use metrics::{counter, histogram};
 use tonic::transport::Channel;
 use tonic::{Request, Response as TonicResponse, Status};
 use tracing::Instrument;
@@ -28,6 +27,7 @@ use tracing::Instrument;
 use crate::broker::Broker;
 use crate::controller::{self, CONTROLLER_GROUP, TopicRecord};
 use crate::error::BrokerError;
+use crate::metrics::{RequestKind, RequestMetrics};
 use crate::partitioner;
 use crate::peers::Peers;
 use crate::proposer::ProposeError;
@@ -63,11 +63,17 @@ pub struct FlotillaService {
     broker: Arc<Broker>,
     sticky: Arc<AtomicU32>,
     peers: Arc<Peers>,
+    request_metrics: Arc<RequestMetrics>,
 }
 
 impl FlotillaService {
     pub fn new(broker: Arc<Broker>) -> Self {
-        Self { broker, sticky: Arc::new(AtomicU32::new(0)), peers: Arc::new(Peers::default()) }
+        Self {
+            broker,
+            sticky: Arc::new(AtomicU32::new(0)),
+            peers: Arc::new(Peers::default()),
+            request_metrics: Arc::new(RequestMetrics::default()),
+        }
     }
 
     /// The gRPC server, with message limits fit for large produce and fetch requests.
@@ -108,21 +114,9 @@ impl FlotillaService {
     }
 }
 
-/// Counts a served request by outcome and records its latency.
-fn record_outcome<T>(
-    kind: &'static str,
-    labels: &[(&'static str, String); 2],
-    started: Instant,
-    result: &Result<T, BrokerError>,
-) {
-    let outcome = match result {
-        Ok(_) => "ok".to_owned(),
-        Err(e) => e.code.as_str_name().to_ascii_lowercase(),
-    };
-    let mut l = labels.to_vec();
-    l.push(("outcome", outcome));
-    counter!(format!("flotilla_{kind}_requests_total"), &l).increment(1);
-    histogram!(format!("flotilla_{kind}_latency_seconds"), labels).record(started.elapsed().as_secs_f64());
+/// The outcome label of a failed request: its error code, lower case.
+fn outcome_label(e: &BrokerError) -> String {
+    e.code.as_str_name().to_ascii_lowercase()
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -223,14 +217,14 @@ impl FlotillaService {
                 })
             }
             Route::Local(group) => {
-                let labels = [("topic", topic.name.clone()), ("partition", partition.to_string())];
+                let metrics = self.request_metrics.partition(&topic.name, partition);
                 let started = Instant::now();
                 let span = tracing::debug_span!("produce", topic = %topic.name, partition);
                 let result = self.produce_local(topic, partition, &group, records, &what).instrument(span).await;
-                record_outcome("produce", &labels, started, &result);
+                let failed = result.as_ref().err().map(outcome_label);
+                metrics.served(RequestKind::Produce, started, failed.as_deref());
                 if let Ok((ack, bytes)) = &result {
-                    counter!("flotilla_produce_records_total", &labels).increment(u64::from(ack.record_count));
-                    counter!("flotilla_produce_bytes_total", &labels).increment(*bytes);
+                    metrics.moved(RequestKind::Produce, u64::from(ack.record_count), *bytes);
                 }
                 result.map(|(ack, _)| ack)
             }
@@ -299,13 +293,16 @@ impl FlotillaService {
         let _ = tokio::time::timeout(wait, state.wait_for(|s| s.high_watermark > offset)).await;
     }
 
-    fn read_records(group: &Group, offset: u64, max_bytes: u32) -> Result<pb::FetchResponse, BrokerError> {
+    /// Reads records from `offset`; returns them and the bytes of the batches they were read from.
+    fn read_records(group: &Group, offset: u64, max_bytes: u32) -> Result<(pb::FetchResponse, u64), BrokerError> {
         let (batches, state) = partition::read(&group.sm, offset, max_bytes as usize).map_err(|e| match e {
             ReadError::OffsetOutOfRange { .. } => BrokerError::new(ErrorCode::OffsetOutOfRange, e.to_string()),
             ReadError::Storage(e) => BrokerError::storage(e),
         })?;
         let mut records = Vec::new();
+        let mut bytes = 0;
         for b in &batches {
+            bytes += b.bytes.len() as u64;
             let iter = record_batch::records(&b.bytes).map_err(BrokerError::storage)?;
             for r in iter {
                 let r = r.map_err(BrokerError::storage)?;
@@ -321,11 +318,12 @@ impl FlotillaService {
                 });
             }
         }
-        Ok(pb::FetchResponse {
+        let response = pb::FetchResponse {
             records,
             high_watermark: state.high_watermark,
             log_start_offset: state.log_start_offset,
-        })
+        };
+        Ok((response, bytes))
     }
 
     /// Fills in the partitions another broker leads with that leader's own view (in-sync replicas, offsets),
@@ -477,7 +475,7 @@ impl Flotilla for FlotillaService {
                         continue;
                     }
                     return match Self::read_records(&group, next, max_bytes) {
-                        Ok(resp) => {
+                        Ok((resp, _)) => {
                             let after = resp.records.last().map_or(next, |r| r.offset + 1);
                             Some((Ok(resp), Some((group, after))))
                         }
@@ -536,7 +534,7 @@ impl Flotilla for FlotillaService {
         };
         check_serves_reads(&group, self.broker.config.node_id, &what).await?;
         let max_bytes = if req.max_bytes == 0 { FETCH_BYTES_DEFAULT } else { req.max_bytes.min(FETCH_BYTES_MAX) };
-        let labels = [("topic", req.topic.clone()), ("partition", req.partition.to_string())];
+        let metrics = self.request_metrics.partition(&req.topic, req.partition);
         let started = Instant::now();
         let span = tracing::debug_span!("fetch", topic = %req.topic, partition = req.partition, offset = req.offset);
         let result = async {
@@ -549,11 +547,11 @@ impl Flotilla for FlotillaService {
         }
         .instrument(span)
         .await;
-        record_outcome("fetch", &labels, started, &result);
-        if let Ok(resp) = &result {
-            counter!("flotilla_fetch_records_total", &labels).increment(resp.records.len() as u64);
-        }
-        Ok(TonicResponse::new(result?))
+        let failed = result.as_ref().err().map(outcome_label);
+        metrics.served(RequestKind::Fetch, started, failed.as_deref());
+        let (resp, bytes) = result?;
+        metrics.moved(RequestKind::Fetch, resp.records.len() as u64, bytes);
+        Ok(TonicResponse::new(resp))
     }
 
     async fn read_replica(
@@ -574,7 +572,7 @@ impl Flotilla for FlotillaService {
         let max_bytes = if req.max_bytes == 0 { FETCH_BYTES_DEFAULT } else { req.max_bytes.min(FETCH_BYTES_MAX) };
         // Replicas apply retention on their own; a read from below this one's log start begins at it.
         let offset = req.offset.max(group.sm.partition_state().log_start_offset);
-        Ok(TonicResponse::new(Self::read_records(&group, offset, max_bytes)?))
+        Ok(TonicResponse::new(Self::read_records(&group, offset, max_bytes)?.0))
     }
 
     async fn list_offsets(
@@ -604,7 +602,7 @@ impl Flotilla for FlotillaService {
                 match rows.iter().find(|r| r.max_timestamp >= req.timestamp_ms) {
                     None => state.high_watermark,
                     Some(row) => {
-                        let fetched = Self::read_records(&group, row.base_offset, FETCH_BYTES_DEFAULT)?;
+                        let (fetched, _) = Self::read_records(&group, row.base_offset, FETCH_BYTES_DEFAULT)?;
                         fetched
                             .records
                             .iter()

@@ -647,6 +647,7 @@ async fn every_broker_serves_prometheus_metrics() {
     // wait until every node's scrape shows the produced record rather than reading one node once.
     let hwm = "flotilla_partition_high_watermark{topic=\"observed\",partition=\"0\"}";
     let produced = "flotilla_produce_records_total{topic=\"observed\",partition=\"0\"}";
+    let fetched = "flotilla_fetch_records_total{topic=\"observed\",partition=\"0\"}";
     let mut scrapes: BTreeMap<u64, Vec<(String, f64)>> = BTreeMap::new();
     wait_for("every node's metrics to show the produced record", async || {
         for (id, addr) in &cluster.metrics {
@@ -658,6 +659,7 @@ async fn every_broker_serves_prometheus_metrics() {
         let value = |samples: &[(String, f64)], name: &str| samples.iter().find(|(s, _)| s == name).map(|(_, v)| *v);
         scrapes.values().all(|s| value(s, hwm) == Some(1.0))
             && scrapes.values().filter_map(|s| value(s, produced)).sum::<f64>() == 1.0
+            && scrapes.values().filter_map(|s| value(s, fetched)).sum::<f64>() == 1.0
     })
     .await;
     let everywhere = |name: &str| scrapes.values().all(|s| s.iter().any(|(series, _)| series.starts_with(name)));
@@ -675,6 +677,7 @@ async fn every_broker_serves_prometheus_metrics() {
         "flotilla_produce_requests_total",
         "flotilla_produce_latency_seconds_bucket",
         "flotilla_fetch_requests_total",
+        "flotilla_fetch_bytes_total",
         "flotilla_raft_follower_lag_entries",
     ] {
         assert!(somewhere(name), "no node exports {name}");

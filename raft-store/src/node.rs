@@ -149,15 +149,14 @@ fn serves_reads(m: &RaftMetrics<TypeConfig>, node: NodeId) -> bool {
 impl Group {
     /// This replica's view of the group's Raft state.
     pub fn status(&self, me: NodeId) -> GroupStatus {
-        let m = self.metrics();
-        GroupStatus {
+        self.with_metrics(|m| GroupStatus {
             leader: m.current_leader,
-            is_leader: m.current_leader == Some(me) && m.state.is_leader(),
+            is_leader: leads(m, me),
             term: m.current_term,
             last_log_index: m.last_log_index.unwrap_or(0),
             committed_index: m.local_committed.map_or(0, |l| l.index),
             applied_index: m.last_applied.map_or(0, |l| l.index),
-        }
+        })
     }
 
     /// Proposes `command` and waits until it is committed and applied; returns what applying produced.
@@ -218,42 +217,45 @@ impl Group {
     /// The leader this replica knows of, and its address. None once the group has failed: its last
     /// known leader may be this very replica, which can no longer serve.
     pub fn leader(&self) -> Option<(NodeId, Option<String>)> {
-        let m = self.metrics();
-        if m.running_state.is_err() {
-            return None;
-        }
-        let id = m.current_leader?;
-        let addr = m.membership_config.membership().get_node(&id).map(|n| n.addr.clone());
-        Some((id, addr))
+        self.with_metrics(|m| {
+            if m.running_state.is_err() {
+                return None;
+            }
+            let id = m.current_leader?;
+            let addr = m.membership_config.membership().get_node(&id).map(|n| n.addr.clone());
+            Some((id, addr))
+        })
     }
 
     /// On the leader: how many entries each replica (the leader included, at 0) is behind the leader's
     /// last log entry. Empty elsewhere.
     pub fn replica_progress(&self) -> BTreeMap<NodeId, u64> {
-        let m = self.metrics();
-        let last = m.last_log_index.unwrap_or(0);
-        match &m.replication {
-            Some(progress) => progress
-                .iter()
-                .map(|(id, matched)| (*id, last.saturating_sub(matched.map_or(0, |l| l.index))))
-                .collect(),
-            None => BTreeMap::new(),
-        }
+        self.with_metrics(|m| {
+            let last = m.last_log_index.unwrap_or(0);
+            match &m.replication {
+                Some(progress) => progress
+                    .iter()
+                    .map(|(id, matched)| (*id, last.saturating_sub(matched.map_or(0, |l| l.index))))
+                    .collect(),
+                None => BTreeMap::new(),
+            }
+        })
     }
 
     /// Voters of the group, and which of them the leader sees as caught up to its last log index.
     pub fn replica_status(&self) -> (Vec<NodeId>, Vec<NodeId>) {
-        let m = self.metrics();
-        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
-        let in_sync = match (&m.replication, m.last_log_index) {
-            (Some(progress), Some(last)) => progress
-                .iter()
-                .filter(|(_, matched)| matched.is_some_and(|l| l.index + REPLICA_LAG_ENTRIES_MAX >= last))
-                .map(|(id, _)| *id)
-                .collect(),
-            _ => Vec::new(),
-        };
-        (voters, in_sync)
+        self.with_metrics(|m| {
+            let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+            let in_sync = match (&m.replication, m.last_log_index) {
+                (Some(progress), Some(last)) => progress
+                    .iter()
+                    .filter(|(_, matched)| matched.is_some_and(|l| l.index + REPLICA_LAG_ENTRIES_MAX >= last))
+                    .map(|(id, _)| *id)
+                    .collect(),
+                _ => Vec::new(),
+            };
+            (voters, in_sync)
+        })
     }
 
     /// The group's current Raft metrics on this node.
@@ -261,11 +263,16 @@ impl Group {
         self.raft.metrics().borrow_watched().clone()
     }
 
-    /// Whether this node leads the group right now.
-    pub fn is_leader(&self, node: NodeId) -> bool {
+    /// Reads the group's current Raft metrics in place (no copy; do not hold it across an await).
+    fn with_metrics<R>(&self, read: impl FnOnce(&RaftMetrics<TypeConfig>) -> R) -> R {
         let metrics = self.raft.metrics();
         let m = metrics.borrow_watched();
-        leads(&m, node)
+        read(&m)
+    }
+
+    /// Whether this node leads the group right now.
+    pub fn is_leader(&self, node: NodeId) -> bool {
+        self.with_metrics(|m| leads(m, node))
     }
 
     /// Whether this node leads the group and has applied an entry of its own term, so its applied state
@@ -273,9 +280,7 @@ impl Group {
     /// committed index is not fsynced (`CommittedSync::Lazy`), so a leader elected after a crash may
     /// start applied below the high watermark readers already saw, until its term's first entry commits.
     pub fn serves_reads(&self, node: NodeId) -> bool {
-        let metrics = self.raft.metrics();
-        let m = metrics.borrow_watched();
-        serves_reads(&m, node)
+        self.with_metrics(|m| serves_reads(m, node))
     }
 
     /// Waits up to `timeout` for [`Group::serves_reads`]; returns whether it holds.
