@@ -1,6 +1,6 @@
 //! Errors a client sees: a stable [`ErrorCode`] plus a sentence, mapped to a gRPC status in one place.
 
-use flotilla_proto::broker::ErrorCode;
+use flotilla_proto::broker::{self as pb, ErrorCode};
 use tonic::{Code, Status};
 
 /// Metadata key carrying the numeric [`ErrorCode`] of a failed call.
@@ -78,6 +78,20 @@ impl BrokerError {
     }
 }
 
+impl From<BrokerError> for pb::ProduceError {
+    fn from(e: BrokerError) -> pb::ProduceError {
+        pb::ProduceError { code: e.code as i32, message: e.message, leader: e.leader }
+    }
+}
+
+impl From<pb::ProduceError> for BrokerError {
+    /// A code this client does not know reads as `Unspecified`, which nothing retries.
+    fn from(e: pb::ProduceError) -> BrokerError {
+        let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified);
+        BrokerError { code, message: e.message, leader: e.leader }
+    }
+}
+
 impl From<BrokerError> for Status {
     fn from(e: BrokerError) -> Status {
         let mut status = Status::new(e.grpc_code(), e.message.clone());
@@ -107,5 +121,17 @@ mod tests {
         let status = Status::from(BrokerError::new(ErrorCode::UnknownTopic, "unknown topic \"x\""));
         assert_eq!(status.code(), Code::NotFound);
         assert_eq!(BrokerError::from_status(&status).code, ErrorCode::UnknownTopic);
+    }
+
+    #[test]
+    fn errors_survive_the_trip_through_a_produce_stream_reply() {
+        let e = BrokerError::not_leader("partition orders/3", Some("127.0.0.1:9402".into()));
+        let back = BrokerError::from(pb::ProduceError::from(e.clone()));
+        assert_eq!(
+            (back.code, back.leader.as_deref(), back.message.as_str()),
+            (e.code, Some("127.0.0.1:9402"), &*e.message)
+        );
+        let unknown = pb::ProduceError { code: 9999, message: "from a newer broker".into(), leader: None };
+        assert_eq!(BrokerError::from(unknown).code, ErrorCode::Unspecified);
     }
 }

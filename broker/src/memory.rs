@@ -90,6 +90,11 @@ impl ProduceMemory {
     /// waits for all of it, so it runs alone rather than never.
     pub async fn reserve(&self, bytes: usize, wait: Duration) -> Option<OwnedSemaphorePermit> {
         let want = u32::try_from(bytes.div_ceil(PERMIT_BYTES)).unwrap_or(u32::MAX).clamp(1, self.total);
+        // Without a timer when the bytes are free. This cannot pass a waiter: released permits go to the
+        // queued waiters first, so none are free while one waits.
+        if let Ok(permit) = self.permits.clone().try_acquire_many_owned(want) {
+            return Some(permit);
+        }
         tokio::time::timeout(wait, self.permits.clone().acquire_many_owned(want)).await.ok()?.ok()
     }
 

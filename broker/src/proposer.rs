@@ -1,7 +1,10 @@
 //! Per-partition proposers: the leader packs concurrent produce requests for a partition into one Raft
 //! entry.
 //!
-//! Each partition led here gets one task fed by a bounded queue. The task takes the first queued request,
+//! Each partition led here gets one task fed by a queue. A request takes its place in the queue
+//! synchronously ([`Proposers::enqueue`]), so requests keep the order in which the service admitted
+//! them. The queue is unbounded: every request in it holds its bytes of the broker's produce memory
+//! until it is answered, and that budget bounds it. The task takes the first queued request,
 //! drains whatever else is queued (up to [`ENTRY_BYTES_MAX`]), and proposes all of it as one entry; up to
 //! [`ENTRIES_IN_FLIGHT_MAX`] entries are in flight at once, so a busy partition keeps its Raft pipeline
 //! full while the next entry gathers requests. Entries are submitted in queue order (a `FuturesOrdered`
@@ -25,8 +28,6 @@ use tokio::sync::{mpsc, oneshot};
 pub const ENTRY_BYTES_MAX: usize = 1 << 20;
 /// Entries of one partition proposed and not yet committed.
 pub const ENTRIES_IN_FLIGHT_MAX: usize = 4;
-/// Produce requests queued per partition before senders wait.
-const QUEUE_REQUESTS_MAX: usize = 4096;
 
 /// Why a proposal did not get offsets.
 #[derive(Debug, Clone)]
@@ -49,26 +50,34 @@ struct Proposal {
 /// The proposers of the partitions led on this node.
 #[derive(Default)]
 pub struct Proposers {
-    queues: Mutex<HashMap<GroupId, mpsc::Sender<Proposal>>>,
+    queues: Mutex<HashMap<GroupId, mpsc::UnboundedSender<Proposal>>>,
 }
 
 impl Proposers {
-    /// Proposes one RecordBatch of `records` records to `group`; returns its base offset once committed.
-    pub async fn propose(&self, group: &Group, batch: Bytes, records: u64) -> Result<u64, ProposeError> {
-        let queue = {
-            let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-            queues
-                .entry(group.id)
-                .or_insert_with(|| {
-                    let (tx, rx) = mpsc::channel(QUEUE_REQUESTS_MAX);
-                    tokio::spawn(run(group.clone(), rx));
-                    tx
-                })
-                .clone()
-        };
+    /// Queues one RecordBatch of `records` records for `group` now, behind everything queued before;
+    /// the future gives its base offset once committed.
+    pub fn enqueue(
+        &self,
+        group: &Group,
+        batch: Bytes,
+        records: u64,
+    ) -> impl Future<Output = Result<u64, ProposeError>> + use<> {
         let (reply, result) = oneshot::channel();
-        queue.send(Proposal { batch, records, reply }).await.map_err(|_| ProposeError::Closed)?;
-        result.await.unwrap_or(Err(ProposeError::Abandoned))
+        let queued = {
+            let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+            let queue = queues.entry(group.id).or_insert_with(|| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                tokio::spawn(run(group.clone(), rx));
+                tx
+            });
+            queue.send(Proposal { batch, records, reply }).is_ok()
+        };
+        async move {
+            if !queued {
+                return Err(ProposeError::Closed);
+            }
+            result.await.unwrap_or(Err(ProposeError::Abandoned))
+        }
     }
 
     /// Stops the proposer of a dropped group.
@@ -77,7 +86,7 @@ impl Proposers {
     }
 }
 
-async fn run(group: Group, mut queue: mpsc::Receiver<Proposal>) {
+async fn run(group: Group, mut queue: mpsc::UnboundedReceiver<Proposal>) {
     let mut in_flight = FuturesOrdered::new();
     loop {
         tokio::select! {

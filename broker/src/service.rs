@@ -20,8 +20,11 @@ use flotilla_raft_store::partition::{self, ReadError};
 use flotilla_raft_store::record_batch::{self, ProducerInfo, Record, RecordHeader};
 use flotilla_raft_store::state_machine::KvCommand;
 use flotilla_raft_store::types::Response;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use tonic::transport::Channel;
-use tonic::{Request, Response as TonicResponse, Status};
+use tonic::{Request, Response as TonicResponse, Status, Streaming};
 use tracing::Instrument;
 
 use crate::broker::Broker;
@@ -56,6 +59,8 @@ const LAGGING_ENTRIES: u64 = 100;
 const LEADER_VIEW_WAIT: Duration = Duration::from_secs(1);
 /// Records in one produce request.
 const PRODUCE_RECORDS_MAX: usize = 100_000;
+/// Requests of one produce stream served at once.
+const PRODUCE_STREAM_IN_FLIGHT_MAX: usize = 1024;
 
 /// The service; cheap to clone.
 #[derive(Clone)]
@@ -192,13 +197,113 @@ fn to_record(r: pb::Record) -> Record {
 }
 
 impl FlotillaService {
-    async fn produce_partition(
+    /// Serves one produce request (unary).
+    async fn produce_request(&self, req: pb::ProduceRequest) -> Result<pb::ProduceResponse, BrokerError> {
+        self.admit_produce(req).await?.await
+    }
+
+    /// The first step of a produce, taken in arrival order: checks, and for a request to one partition
+    /// led here, its place in the partition's proposer queue (a request for several partitions, or one
+    /// forwarded to the leader, takes each place in the returned future instead). Returns the rest:
+    /// waiting for the commit.
+    async fn admit_produce(&self, req: pb::ProduceRequest) -> Result<ProduceRest, BrokerError> {
+        let topic = self.topic(&req.topic)?;
+        if req.records.is_empty() {
+            return Err(BrokerError::new(ErrorCode::EmptyBatch, "a produce request needs at least one record"));
+        }
+        if req.records.len() > PRODUCE_RECORDS_MAX {
+            return Err(BrokerError::new(
+                ErrorCode::InvalidRequest,
+                format!("a produce request holds at most {PRODUCE_RECORDS_MAX} records"),
+            ));
+        }
+        let n = (topic.partitions.len() as u32).max(1);
+        // Split by partition, keeping each partition's records in request order.
+        let mut by_partition: BTreeMap<u32, Vec<pb::Record>> = BTreeMap::new();
+        let sticky = self.sticky.fetch_add(1, Ordering::Relaxed) % n;
+        for r in req.records {
+            let p = match (req.partition, &r.key) {
+                (Some(p), _) => p,
+                (None, Some(key)) => partitioner::partition_for_key(key, n),
+                (None, None) => sticky,
+            };
+            by_partition.entry(p).or_default().push(r);
+        }
+        let forwarded = req.forwarded;
+        if by_partition.len() == 1
+            && let Some((p, records)) = by_partition.pop_first()
+        {
+            let ack = self.admit_partition(&topic, p, records, forwarded).await?;
+            return Ok(async move { Ok(pb::ProduceResponse { acks: vec![ack.await?] }) }.boxed());
+        }
+        let service = self.clone();
+        Ok(async move {
+            let mut acks = Vec::with_capacity(by_partition.len());
+            for (p, records) in by_partition {
+                acks.push(service.admit_partition(&topic, p, records, forwarded).await?.await?);
+            }
+            Ok(pb::ProduceResponse { acks })
+        }
+        .boxed())
+    }
+
+    /// The replies of a produce stream. Each request is admitted (`admit_produce`) in the loop, one after
+    /// the other in arrival order, so requests for one partition led here keep their order whatever the
+    /// runtime's scheduling; the rest of each (the commit) is awaited concurrently, up to
+    /// [`PRODUCE_STREAM_IN_FLIGHT_MAX`] at once (then no more is read until one completes: backpressure on
+    /// the client through HTTP/2 flow control). Each reply goes out as its request completes. The replies
+    /// are polled by the stream's own task: no task or channel per request. Once the input ends (or
+    /// breaks), what was read is still answered.
+    fn produce_replies(&self, incoming: Streaming<pb::ProduceStreamRequest>) -> ProduceStream {
+        let state = (Some(incoming), FuturesUnordered::new(), self.clone());
+        let replies = futures::stream::unfold(state, |(mut incoming, mut in_flight, service)| async move {
+            loop {
+                if incoming.is_none() && in_flight.is_empty() {
+                    return None;
+                }
+                let reading = incoming.is_some() && in_flight.len() < PRODUCE_STREAM_IN_FLIGHT_MAX;
+                tokio::select! {
+                    biased;
+                    Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
+                        return Some((Ok(reply), (incoming, in_flight, service)));
+                    }
+                    next = async { incoming.as_mut()?.next().await }, if reading => match next {
+                        Some(Ok(m)) => {
+                            let id = m.id;
+                            let admitted = match m.request {
+                                Some(req) => service.admit_produce(req).await,
+                                None => Err(BrokerError::new(ErrorCode::InvalidRequest, "a produce stream message needs a request")),
+                            };
+                            in_flight.push(async move {
+                                let result = match admitted {
+                                    Ok(rest) => rest.await,
+                                    Err(e) => Err(e),
+                                };
+                                let result = match result {
+                                    Ok(response) => pb::produce_stream_reply::Result::Response(response),
+                                    Err(e) => pb::produce_stream_reply::Result::Error(e.into()),
+                                };
+                                pb::ProduceStreamReply { id, result: Some(result) }
+                            });
+                        }
+                        // The client is done sending, or its stream broke: answer what was read.
+                        Some(Err(_)) | None => incoming = None,
+                    },
+                }
+            }
+        });
+        Box::pin(replies)
+    }
+
+    /// Admits records for one partition: forwards them to the leader if this node does not lead it
+    /// (unordered), or takes their place in its proposer queue. Returns the rest: the acknowledgement.
+    async fn admit_partition(
         &self,
         topic: &TopicRecord,
         partition: u32,
         records: Vec<pb::Record>,
         forwarded: bool,
-    ) -> Result<pb::PartitionAck, BrokerError> {
+    ) -> Result<PartitionRest, BrokerError> {
         let what = format!("partition {}/{partition}", topic.name);
         let group = self.partition_group(topic, partition)?;
         let replicas = topic.partitions.get(partition as usize).map_or(&[][..], |p| &p.replicas[..]);
@@ -210,36 +315,48 @@ impl FlotillaService {
                     records,
                     forwarded: true,
                 };
-                let resp =
-                    forward_client(&self.peers, &addr)?.produce(req).await.map_err(|s| BrokerError::from_status(&s))?;
-                resp.into_inner().acks.into_iter().next().ok_or_else(|| {
-                    BrokerError::new(ErrorCode::InvalidRequest, "the leader returned no acknowledgement")
-                })
+                let mut leader = forward_client(&self.peers, &addr)?;
+                Ok(async move {
+                    let resp = leader.produce(req).await.map_err(|s| BrokerError::from_status(&s))?;
+                    resp.into_inner().acks.into_iter().next().ok_or_else(|| {
+                        BrokerError::new(ErrorCode::InvalidRequest, "the leader returned no acknowledgement")
+                    })
+                }
+                .boxed())
             }
             Route::Local(group) => {
                 let metrics = self.request_metrics.partition(&topic.name, partition);
                 let started = Instant::now();
                 let span = tracing::debug_span!("produce", topic = %topic.name, partition);
-                let result = self.produce_local(topic, partition, &group, records, &what).instrument(span).await;
-                let failed = result.as_ref().err().map(outcome_label);
-                metrics.served(RequestKind::Produce, started, failed.as_deref());
-                if let Ok((ack, bytes)) = &result {
-                    metrics.moved(RequestKind::Produce, u64::from(ack.record_count), *bytes);
-                }
-                result.map(|(ack, _)| ack)
+                let admitted =
+                    self.admit_local(topic, partition, &group, records, &what).instrument(span.clone()).await;
+                let rest = async move {
+                    let result = match admitted {
+                        Ok(committed) => committed.await,
+                        Err(e) => Err(e),
+                    };
+                    let failed = result.as_ref().err().map(outcome_label);
+                    metrics.served(RequestKind::Produce, started, failed.as_deref());
+                    if let Ok((ack, bytes)) = &result {
+                        metrics.moved(RequestKind::Produce, u64::from(ack.record_count), *bytes);
+                    }
+                    result.map(|(ack, _)| ack)
+                };
+                Ok(rest.instrument(span).boxed())
             }
         }
     }
 
-    /// Appends `records` to a partition led here; returns the acknowledgement and the batch size.
-    async fn produce_local(
+    /// Checks and queues `records` on the proposer of a partition led here. Returns the rest: the
+    /// acknowledgement and the batch size, once committed.
+    async fn admit_local(
         &self,
         topic: &TopicRecord,
         partition: u32,
         group: &Group,
         records: Vec<pb::Record>,
         what: &str,
-    ) -> Result<(pb::PartitionAck, u64), BrokerError> {
+    ) -> Result<BoxFuture<'static, Result<(pb::PartitionAck, u64), BrokerError>>, BrokerError> {
         let count = records.len() as u32;
         let records: Vec<Record> = records.into_iter().map(to_record).collect();
         let size = record_batch::encoded_len(&records) as u64;
@@ -260,32 +377,37 @@ impl FlotillaService {
                 ),
             ));
         }
-        let Some(_reserved) = self.broker.produce_memory.reserve(size as usize, PRODUCE_TIMEOUT).await else {
+        let Some(reserved) = self.broker.produce_memory.reserve(size as usize, PRODUCE_TIMEOUT).await else {
             return Err(BrokerError::new(
                 ErrorCode::Throttled,
                 format!("{what}: the broker's memory for produce requests in flight stayed full; nothing was written"),
             ));
         };
         let batch = record_batch::build(&records, ProducerInfo::NONE);
-        let proposed = self.broker.proposers.propose(group, batch, u64::from(count));
-        let base_offset = tokio::time::timeout(PRODUCE_TIMEOUT, proposed)
-            .await
-            .map_err(|_| {
-                BrokerError::new(
-                    ErrorCode::Timeout,
-                    format!("{what}: not committed within {PRODUCE_TIMEOUT:?}; the outcome is unknown"),
-                )
-            })?
-            .map_err(|e| match e {
-                ProposeError::Group(e) => group_error(what, e),
-                ProposeError::Rejected(why) => BrokerError::new(ErrorCode::InvalidRequest, why),
-                ProposeError::Closed => BrokerError::not_leader(what, None),
-                ProposeError::Abandoned => BrokerError::new(
-                    ErrorCode::Timeout,
-                    format!("{what}: the write was abandoned when leadership moved; the outcome is unknown"),
-                ),
-            })?;
-        Ok((pb::PartitionAck { partition, base_offset, record_count: count }, size))
+        let proposed = self.broker.proposers.enqueue(group, batch, u64::from(count));
+        let what = what.to_owned();
+        Ok(async move {
+            let _reserved = reserved;
+            let base_offset = tokio::time::timeout(PRODUCE_TIMEOUT, proposed)
+                .await
+                .map_err(|_| {
+                    BrokerError::new(
+                        ErrorCode::Timeout,
+                        format!("{what}: not committed within {PRODUCE_TIMEOUT:?}; the outcome is unknown"),
+                    )
+                })?
+                .map_err(|e| match e {
+                    ProposeError::Group(e) => group_error(&what, e),
+                    ProposeError::Rejected(why) => BrokerError::new(ErrorCode::InvalidRequest, why),
+                    ProposeError::Closed => BrokerError::not_leader(&what, None),
+                    ProposeError::Abandoned => BrokerError::new(
+                        ErrorCode::Timeout,
+                        format!("{what}: the write was abandoned when leadership moved; the outcome is unknown"),
+                    ),
+                })?;
+            Ok((pb::PartitionAck { partition, base_offset, record_count: count }, size))
+        }
+        .boxed())
     }
 
     async fn wait_for_data(group: &Group, offset: u64, wait: Duration) {
@@ -442,6 +564,10 @@ impl FlotillaService {
 }
 
 type SubscribeStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::FetchResponse, Status>> + Send>>;
+type ProduceStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::ProduceStreamReply, Status>> + Send>>;
+/// What is left of an admitted produce: its commit.
+type ProduceRest = BoxFuture<'static, Result<pb::ProduceResponse, BrokerError>>;
+type PartitionRest = BoxFuture<'static, Result<pb::PartitionAck, BrokerError>>;
 
 #[tonic::async_trait]
 impl Flotilla for FlotillaService {
@@ -491,35 +617,16 @@ impl Flotilla for FlotillaService {
         &self,
         request: Request<pb::ProduceRequest>,
     ) -> Result<TonicResponse<pb::ProduceResponse>, Status> {
-        let req = request.into_inner();
-        let topic = self.topic(&req.topic)?;
-        if req.records.is_empty() {
-            return Err(BrokerError::new(ErrorCode::EmptyBatch, "a produce request needs at least one record").into());
-        }
-        if req.records.len() > PRODUCE_RECORDS_MAX {
-            return Err(BrokerError::new(
-                ErrorCode::InvalidRequest,
-                format!("a produce request holds at most {PRODUCE_RECORDS_MAX} records"),
-            )
-            .into());
-        }
-        let n = (topic.partitions.len() as u32).max(1);
-        // Split by partition, keeping each partition's records in request order.
-        let mut by_partition: BTreeMap<u32, Vec<pb::Record>> = BTreeMap::new();
-        let sticky = self.sticky.fetch_add(1, Ordering::Relaxed) % n;
-        for r in req.records {
-            let p = match (req.partition, &r.key) {
-                (Some(p), _) => p,
-                (None, Some(key)) => partitioner::partition_for_key(key, n),
-                (None, None) => sticky,
-            };
-            by_partition.entry(p).or_default().push(r);
-        }
-        let mut acks = Vec::with_capacity(by_partition.len());
-        for (p, records) in by_partition {
-            acks.push(self.produce_partition(&topic, p, records, req.forwarded).await?);
-        }
-        Ok(TonicResponse::new(pb::ProduceResponse { acks }))
+        Ok(TonicResponse::new(self.produce_request(request.into_inner()).await?))
+    }
+
+    type ProduceStreamStream = ProduceStream;
+
+    async fn produce_stream(
+        &self,
+        request: Request<Streaming<pb::ProduceStreamRequest>>,
+    ) -> Result<TonicResponse<ProduceStream>, Status> {
+        Ok(TonicResponse::new(self.produce_replies(request.into_inner())))
     }
 
     async fn fetch(&self, request: Request<pb::FetchRequest>) -> Result<TonicResponse<pb::FetchResponse>, Status> {

@@ -18,6 +18,8 @@ use flotilla_proto::broker::ErrorCode;
 use flotilla_proto::broker::flotilla_client::FlotillaClient;
 use tonic::transport::Channel;
 
+use crate::pipe::Pipes;
+
 /// How long a request keeps retrying retriable errors, by default.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
 const BACKOFF_FIRST: Duration = Duration::from_millis(20);
@@ -58,6 +60,8 @@ pub struct Client {
     leader_routing: bool,
     /// Which bootstrap broker the next unrouted request starts with.
     next_bootstrap: AtomicU32,
+    /// Produce streams, one per broker: produce requests are pipelined on them.
+    pipes: Pipes,
 }
 
 impl Client {
@@ -72,6 +76,7 @@ impl Client {
             deadline: REQUEST_DEADLINE,
             leader_routing: true,
             next_bootstrap: AtomicU32::new(0),
+            pipes: Pipes::default(),
         }
     }
 
@@ -92,8 +97,7 @@ impl Client {
         self.peers.client(addr).map_err(|e| BrokerError::new(ErrorCode::InvalidRequest, e))
     }
 
-    /// Runs `call` against `addr` (or a bootstrap broker), retrying retriable failures with backoff and
-    /// following leader hints.
+    /// Runs the unary `call` against `addr` (or a bootstrap broker), as [`Client::retrying_at`] does.
     async fn retrying<T, F, Fut>(
         &self,
         key: Option<(&str, u32)>,
@@ -103,6 +107,25 @@ impl Client {
     where
         F: FnMut(FlotillaClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        self.retrying_at(key, first, |addr| {
+            let call = self.channel(&addr).map(&mut call);
+            async move { call?.await.map_err(|s| BrokerError::from_status(&s)) }
+        })
+        .await
+    }
+
+    /// Runs `call` against `first` (or a bootstrap broker), retrying retriable failures with backoff and
+    /// following leader hints.
+    async fn retrying_at<T, F, Fut>(
+        &self,
+        key: Option<(&str, u32)>,
+        first: Option<String>,
+        mut call: F,
+    ) -> Result<T, BrokerError>
+    where
+        F: FnMut(String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, BrokerError>>,
     {
         let first_attempt = tokio::time::Instant::now();
         let deadline = first_attempt + self.deadline;
@@ -118,9 +141,9 @@ impl Client {
                 },
             };
             attempt += 1;
-            let err = match call(self.channel(&addr)?).await {
+            let err = match call(addr).await {
                 Ok(v) => return Ok(v),
-                Err(status) => BrokerError::from_status(&status),
+                Err(e) => e,
             };
             if !retriable(&err, first_attempt.elapsed()) || tokio::time::Instant::now() + backoff > deadline {
                 if let (ErrorCode::Timeout, Some((topic, partition))) = (err.code, key) {
@@ -245,6 +268,8 @@ impl Client {
 
     /// Produces `records` to one partition: `partition`, else murmur2 of the first record's key, else a
     /// sticky round-robin choice. Returns the acknowledgement (base offset of the first record).
+    /// Produces to one broker are pipelined on one produce stream. Those to one partition whose leader
+    /// is known are appended in the order of their calls (first polls), unless one is refused and retried.
     pub async fn produce(
         &self,
         topic: &str,
@@ -260,9 +285,9 @@ impl Client {
         let req = pb::ProduceRequest { topic: topic.to_owned(), partition: Some(partition), records, forwarded: false };
         let leader = self.leader_of(topic, partition).await;
         let resp = self
-            .retrying(Some((topic, partition)), leader, |mut c| {
-                let req = req.clone();
-                async move { c.produce(req).await.map(|r| r.into_inner()) }
+            .retrying_at(Some((topic, partition)), leader, |addr| {
+                let sent = self.channel(&addr).map(|client| self.pipes.send(&addr, client, req.clone()));
+                async move { sent?.await }
             })
             .await?;
         resp.acks.into_iter().next().ok_or_else(|| BrokerError::new(ErrorCode::Unspecified, "no acknowledgement"))

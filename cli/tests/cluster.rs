@@ -871,3 +871,78 @@ async fn a_leader_short_of_disk_space_refuses_produce_writes_nothing_and_recover
     let values: Vec<_> = resp.records.iter().filter_map(|r| r.value.clone()).collect();
     assert_eq!(values, vec![Bytes::from("kept")]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_produces_to_one_partition_land_in_call_order_at_dense_offsets() {
+    let cluster = TestCluster::start(3);
+    cluster.wait_ready().await;
+    let client = cluster.client();
+    client.create_topic("piped", 1, 3, vec![]).await.expect("create");
+    wait_for("a leader", async || client.describe_topic("piped").await.is_ok_and(|t| t.partitions[0].leader != 0))
+        .await;
+    // The first produce learns the leader and opens the stream; the rest go out at once, more of them
+    // than the stream's queue and the broker's in-flight limit hold.
+    client.produce("piped", Some(0), vec![record("k", "first".into())]).await.expect("produce");
+    let n = 3_000;
+    let sends = (0..n).map(|i| client.produce("piped", Some(0), vec![record("k", format!("v{i}"))]));
+    let acks: Vec<u64> =
+        futures::future::join_all(sends).await.into_iter().map(|a| a.expect("produce").base_offset).collect();
+    assert_eq!(acks, (1..=n as u64).collect::<Vec<_>>(), "each produce's offset follows the order of the calls");
+    let read = read_partition(&client, "piped", 0).await;
+    assert_eq!(read.len(), n + 1);
+    for (i, r) in read.iter().skip(1).enumerate() {
+        assert_eq!(r.value.as_deref(), Some(format!("v{i}").as_bytes()), "offset {}", r.offset);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_produce_stream_answers_each_request_by_id_and_a_bad_one_breaks_nothing() {
+    let cluster = TestCluster::start(3);
+    cluster.wait_ready().await;
+    let client = cluster.client();
+    client.create_topic("streamed", 1, 3, vec![]).await.expect("create");
+    wait_for("a leader", async || client.describe_topic("streamed").await.is_ok_and(|t| t.partitions[0].leader != 0))
+        .await;
+    // To the leader: a broker that does not lead the partition forwards each request on its own, in no
+    // particular order.
+    let leader = client.describe_topic("streamed").await.expect("describe").partitions[0].leader;
+    let mut raw =
+        flotilla_proto::broker::flotilla_client::FlotillaClient::connect(format!("http://{}", cluster.addrs[&leader]))
+            .await
+            .expect("connect");
+    let produce = |topic: &str, records: Vec<pb::Record>| pb::ProduceRequest {
+        topic: topic.into(),
+        partition: Some(0),
+        records,
+        forwarded: false,
+    };
+    let requests = vec![
+        pb::ProduceStreamRequest { id: 7, request: None },
+        pb::ProduceStreamRequest { id: 8, request: Some(produce("no-such-topic", vec![record("k", "x".into())])) },
+        pb::ProduceStreamRequest { id: 9, request: Some(produce("streamed", vec![record("k", "kept".into())])) },
+        pb::ProduceStreamRequest { id: 10, request: Some(produce("streamed", vec![])) },
+        pb::ProduceStreamRequest { id: 11, request: Some(produce("streamed", vec![record("k", "also".into())])) },
+    ];
+    let mut replies =
+        raw.produce_stream(tokio_stream::iter(requests)).await.expect("open a produce stream").into_inner();
+    let mut by_id = BTreeMap::new();
+    while let Some(reply) = replies.message().await.expect("the stream ends cleanly once every request is answered") {
+        assert!(by_id.insert(reply.id, reply.result).is_none(), "one reply per request");
+    }
+    let code = |id: u64| match &by_id[&id] {
+        Some(pb::produce_stream_reply::Result::Error(e)) => pb::ErrorCode::try_from(e.code).expect("a known code"),
+        other => panic!("request {id} should have failed: {other:?}"),
+    };
+    let offset = |id: u64| match &by_id[&id] {
+        Some(pb::produce_stream_reply::Result::Response(r)) => r.acks[0].base_offset,
+        other => panic!("request {id} should have been acknowledged: {other:?}"),
+    };
+    assert_eq!(by_id.len(), 5);
+    assert_eq!(code(7), pb::ErrorCode::InvalidRequest);
+    assert_eq!(code(8), pb::ErrorCode::UnknownTopic);
+    assert_eq!(code(10), pb::ErrorCode::EmptyBatch);
+    assert_eq!((offset(9), offset(11)), (0, 1));
+    let read = read_partition(&client, "streamed", 0).await;
+    let values: Vec<_> = read.iter().map(|r| r.value.clone().unwrap_or_default()).collect();
+    assert_eq!(values, [Bytes::from("kept"), Bytes::from("also")]);
+}
