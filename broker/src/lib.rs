@@ -9,6 +9,7 @@
 //! - [`proposer`]: packs concurrent produce requests of a partition into one Raft entry.
 //! - [`retention`]: enforces retention.ms and retention.bytes on every replica hosted here.
 //! - [`peers`]: cached channels to brokers, shared by forwarding and the client library.
+//! - [`pipe`]: produce streams to brokers, shared by forwarding and the client library.
 //! - [`partitioner`]: Kafka-compatible murmur2 partitioning.
 //! - [`metrics`]: the Prometheus endpoint and the Raft/storage collector.
 //! - [`error`]: client-facing errors with stable codes.
@@ -26,6 +27,7 @@ pub mod memory;
 pub mod metrics;
 pub mod partitioner;
 pub mod peers;
+pub mod pipe;
 pub mod proposer;
 pub mod retention;
 pub mod server;

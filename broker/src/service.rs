@@ -33,6 +33,7 @@ use crate::error::BrokerError;
 use crate::metrics::{RequestKind, RequestMetrics};
 use crate::partitioner;
 use crate::peers::Peers;
+use crate::pipe::Pipes;
 use crate::proposer::ProposeError;
 
 /// Metadata key marking an admin request forwarded by another broker.
@@ -68,6 +69,8 @@ pub struct FlotillaService {
     broker: Arc<Broker>,
     sticky: Arc<AtomicU32>,
     peers: Arc<Peers>,
+    /// Produce streams to other brokers, for forwarding produce requests to partition leaders.
+    pipes: Arc<Pipes>,
     request_metrics: Arc<RequestMetrics>,
 }
 
@@ -77,6 +80,7 @@ impl FlotillaService {
             broker,
             sticky: Arc::new(AtomicU32::new(0)),
             peers: Arc::new(Peers::default()),
+            pipes: Arc::new(Pipes::default()),
             request_metrics: Arc::new(RequestMetrics::default()),
         }
     }
@@ -203,9 +207,9 @@ impl FlotillaService {
     }
 
     /// The first step of a produce, taken in arrival order: checks, and for a request to one partition
-    /// led here, its place in the partition's proposer queue (a request for several partitions, or one
-    /// forwarded to the leader, takes each place in the returned future instead). Returns the rest:
-    /// waiting for the commit.
+    /// its place in the partition's proposer queue here, or on the produce stream to its leader (a
+    /// request for several partitions takes each place in the returned future instead). Returns the
+    /// rest: waiting for the commit.
     async fn admit_produce(&self, req: pb::ProduceRequest) -> Result<ProduceRest, BrokerError> {
         let topic = self.topic(&req.topic)?;
         if req.records.is_empty() {
@@ -295,8 +299,8 @@ impl FlotillaService {
         Box::pin(replies)
     }
 
-    /// Admits records for one partition: forwards them to the leader if this node does not lead it
-    /// (unordered), or takes their place in its proposer queue. Returns the rest: the acknowledgement.
+    /// Admits records for one partition: queues them on the produce stream to the leader if this node
+    /// does not lead it, or takes their place in its proposer queue; both without an await. Returns the rest: the acknowledgement.
     async fn admit_partition(
         &self,
         topic: &TopicRecord,
@@ -315,10 +319,9 @@ impl FlotillaService {
                     records,
                     forwarded: true,
                 };
-                let mut leader = forward_client(&self.peers, &addr)?;
+                let sent = self.pipes.send(&addr, forward_client(&self.peers, &addr)?, req);
                 Ok(async move {
-                    let resp = leader.produce(req).await.map_err(|s| BrokerError::from_status(&s))?;
-                    resp.into_inner().acks.into_iter().next().ok_or_else(|| {
+                    sent.await?.acks.into_iter().next().ok_or_else(|| {
                         BrokerError::new(ErrorCode::InvalidRequest, "the leader returned no acknowledgement")
                     })
                 }

@@ -13,12 +13,11 @@ use std::time::Duration;
 use flotilla_broker::error::BrokerError;
 use flotilla_broker::partitioner::partition_for_key;
 use flotilla_broker::peers::Peers;
+use flotilla_broker::pipe::Pipes;
 use flotilla_proto::broker as pb;
 use flotilla_proto::broker::ErrorCode;
 use flotilla_proto::broker::flotilla_client::FlotillaClient;
 use tonic::transport::Channel;
-
-use crate::pipe::Pipes;
 
 /// How long a request keeps retrying retriable errors, by default.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(30);

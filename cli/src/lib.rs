@@ -3,7 +3,6 @@
 //!
 //! # Layout
 //! - [`client`]: the `Client` type.
-//! - `pipe`: the client's produce streams (pipelined produce), one per broker.
 //! - [`bench`]: the load generators behind `flotilla bench`.
 //! - [`failover`]: B10, failover under load on a private cluster it starts and kills.
 //! - [`broker_binary`]: where the `flotilla-broker` binary is, for `flotilla dev` and the harness;
@@ -11,7 +10,6 @@
 pub mod bench;
 pub mod client;
 pub mod failover;
-mod pipe;
 
 /// The `flotilla-broker` binary: beside the running executable (as Cargo and the image place it), else on
 /// `PATH`.

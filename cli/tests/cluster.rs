@@ -893,6 +893,17 @@ async fn pipelined_produces_to_one_partition_land_in_call_order_at_dense_offsets
     for (i, r) in read.iter().skip(1).enumerate() {
         assert_eq!(r.value.as_deref(), Some(format!("v{i}").as_bytes()), "offset {}", r.offset);
     }
+    // Through a broker that does not lead the partition: it forwards on its own produce stream to the
+    // leader, and the order holds.
+    let leader = client.describe_topic("piped").await.expect("describe").partitions[0].leader;
+    let other = cluster.addrs.iter().find(|(id, _)| **id != leader).map(|(_, a)| a.clone()).expect("a follower");
+    let via_follower = Client::new(vec![other]).with_leader_routing(false);
+    via_follower.produce("piped", Some(0), vec![record("k", "forwarded first".into())]).await.expect("produce");
+    let sends = (0..n).map(|i| via_follower.produce("piped", Some(0), vec![record("k", format!("f{i}"))]));
+    let acks: Vec<u64> =
+        futures::future::join_all(sends).await.into_iter().map(|a| a.expect("produce").base_offset).collect();
+    let from = n as u64 + 2;
+    assert_eq!(acks, (from..from + n as u64).collect::<Vec<_>>(), "forwarded produces keep the order of the calls");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,4 +1,5 @@
-//! Pipelined produce: one `ProduceStream` per broker, shared by every produce the client sends there.
+//! Pipelined produce: one `ProduceStream` per broker, shared by every produce sent there (the client
+//! library's, and a broker's forwarding to a partition's leader).
 //!
 //! A request is queued on its broker's stream synchronously, in the call that sends it: no await comes
 //! before its place in the queue is fixed, so produces keep the order of their calls (an await on a
@@ -14,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use flotilla_broker::error::BrokerError;
+use crate::error::BrokerError;
 use flotilla_proto::broker as pb;
 use flotilla_proto::broker::ErrorCode;
 use flotilla_proto::broker::flotilla_client::FlotillaClient;
@@ -138,16 +139,16 @@ impl Drop for Forget<'_> {
     }
 }
 
-/// The client's produce streams, one per broker address, opened on first use and again after one ends.
+/// Produce streams, one per broker address, opened on first use and again after one ends.
 #[derive(Default)]
-pub(crate) struct Pipes {
+pub struct Pipes {
     by_addr: Mutex<HashMap<String, Arc<Pipe>>>,
 }
 
 impl Pipes {
     /// Queues one produce request on the stream to the broker at `addr` (opening one if none is live)
     /// now, in this call; the future waits for the reply.
-    pub(crate) fn send(
+    pub fn send(
         &self,
         addr: &str,
         client: FlotillaClient<Channel>,
