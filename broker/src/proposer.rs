@@ -22,7 +22,7 @@ use flotilla_raft_store::state_machine::encode_batches;
 use flotilla_raft_store::types::Response;
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 /// Payload bytes packed into one entry (a single larger request still goes alone).
 pub const ENTRY_BYTES_MAX: usize = 1 << 20;
@@ -45,6 +45,9 @@ struct Proposal {
     batch: Bytes,
     records: u64,
     reply: oneshot::Sender<Result<u64, ProposeError>>,
+    /// The batch's share of the broker's produce memory, given back once the proposal is answered
+    /// (whether or not anyone still waits for the answer).
+    _memory: OwnedSemaphorePermit,
 }
 
 /// The proposers of the partitions led on this node.
@@ -54,13 +57,14 @@ pub struct Proposers {
 }
 
 impl Proposers {
-    /// Queues one RecordBatch of `records` records for `group` now, behind everything queued before;
-    /// the future gives its base offset once committed.
+    /// Queues one RecordBatch of `records` records for `group` now, behind everything queued before,
+    /// holding `memory` until it is answered; the future gives its base offset once committed.
     pub fn enqueue(
         &self,
         group: &Group,
         batch: Bytes,
         records: u64,
+        memory: OwnedSemaphorePermit,
     ) -> impl Future<Output = Result<u64, ProposeError>> + use<> {
         let (reply, result) = oneshot::channel();
         let queued = {
@@ -70,7 +74,7 @@ impl Proposers {
                 tokio::spawn(run(group.clone(), rx));
                 tx
             });
-            queue.send(Proposal { batch, records, reply }).is_ok()
+            queue.send(Proposal { batch, records, reply, _memory: memory }).is_ok()
         };
         async move {
             if !queued {

@@ -359,7 +359,7 @@ impl FlotillaService {
         group: &Group,
         records: Vec<pb::Record>,
         what: &str,
-    ) -> Result<BoxFuture<'static, Result<(pb::PartitionAck, u64), BrokerError>>, BrokerError> {
+    ) -> Result<impl Future<Output = Result<(pb::PartitionAck, u64), BrokerError>> + Send + use<>, BrokerError> {
         let count = records.len() as u32;
         let records: Vec<Record> = records.into_iter().map(to_record).collect();
         let size = record_batch::encoded_len(&records) as u64;
@@ -387,10 +387,9 @@ impl FlotillaService {
             ));
         };
         let batch = record_batch::build(&records, ProducerInfo::NONE);
-        let proposed = self.broker.proposers.enqueue(group, batch, u64::from(count));
+        let proposed = self.broker.proposers.enqueue(group, batch, u64::from(count), reserved);
         let what = what.to_owned();
         Ok(async move {
-            let _reserved = reserved;
             let base_offset = tokio::time::timeout(PRODUCE_TIMEOUT, proposed)
                 .await
                 .map_err(|_| {
@@ -409,8 +408,7 @@ impl FlotillaService {
                     ),
                 })?;
             Ok((pb::PartitionAck { partition, base_offset, record_count: count }, size))
-        }
-        .boxed())
+        })
     }
 
     async fn wait_for_data(group: &Group, offset: u64, wait: Duration) {

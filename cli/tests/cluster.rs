@@ -957,3 +957,41 @@ async fn a_produce_stream_answers_each_request_by_id_and_a_bad_one_breaks_nothin
     let values: Vec<_> = read.iter().map(|r| r.value.clone().unwrap_or_default()).collect();
     assert_eq!(values, [Bytes::from("kept"), Bytes::from("also")]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_produce_stream_larger_than_the_produce_memory_is_served_without_throttling() {
+    // 128 MiB budget: 16 MiB for produce bytes in flight, less than the 40 requests of ~900 KB below, so
+    // later requests wait for earlier ones to commit and give their memory back.
+    let cluster = TestCluster::start_with(3, &["--memory-budget", "128MiB"]);
+    cluster.wait_ready().await;
+    let client = cluster.client();
+    client.create_topic("big", 1, 3, vec![]).await.expect("create");
+    wait_for("a leader", async || client.describe_topic("big").await.is_ok_and(|t| t.partitions[0].leader != 0)).await;
+    let leader = client.describe_topic("big").await.expect("describe").partitions[0].leader;
+    let mut raw =
+        flotilla_proto::broker::flotilla_client::FlotillaClient::connect(format!("http://{}", cluster.addrs[&leader]))
+            .await
+            .expect("connect")
+            .max_encoding_message_size(64 << 20);
+    let requests: Vec<_> = (0..40u64)
+        .map(|id| pb::ProduceStreamRequest {
+            id,
+            request: Some(pb::ProduceRequest {
+                topic: "big".into(),
+                partition: Some(0),
+                records: vec![sized(900_000, id as usize, 0)],
+                forwarded: false,
+            }),
+        })
+        .collect();
+    let mut replies = raw.produce_stream(tokio_stream::iter(requests)).await.expect("open").into_inner();
+    let mut offsets = Vec::new();
+    while let Some(reply) = replies.message().await.expect("the stream ends cleanly") {
+        match reply.result {
+            Some(pb::produce_stream_reply::Result::Response(r)) => offsets.push((reply.id, r.acks[0].base_offset)),
+            other => panic!("request {} was refused: {other:?}", reply.id),
+        }
+    }
+    offsets.sort();
+    assert_eq!(offsets, (0..40u64).map(|i| (i, i)).collect::<Vec<_>>(), "every request acknowledged, in order");
+}
