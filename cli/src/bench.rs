@@ -221,6 +221,9 @@ pub async fn produce(client: Arc<Client>, bench: ProduceBench, servers: Option<&
                         let workers = f64::from((bench.producers * bench.in_flight).max(1));
                         Duration::from_secs_f64(workers * f64::from(bench.records_per_request.max(1)) / r.max(1) as f64)
                     }),
+                    first_send: start,
+                    worker: w,
+                    workers: (bench.producers * bench.in_flight).max(1),
                     window,
                 };
                 tokio::spawn(run.run())
@@ -241,6 +244,9 @@ pub async fn produce(client: Arc<Client>, bench: ProduceBench, servers: Option<&
                     interval: bench
                         .rate
                         .map(|r| Duration::from_secs_f64(f64::from(bench.producers.max(1)) / r.max(1) as f64)),
+                    first_due: start,
+                    producer: p,
+                    producers: bench.producers.max(1),
                     window,
                 };
                 tokio::spawn(run.run())
@@ -270,12 +276,26 @@ struct FixedBatches {
     partition: u32,
     records: u32,
     interval: Option<Duration>,
+    /// With a rate, this worker's first send is its share of one interval after `first_send`.
+    first_send: Instant,
+    worker: u32,
+    workers: u32,
     window: Window,
+}
+
+/// When worker `worker` of `workers`, each sending every `interval`, sends first: spread evenly over one
+/// interval, so together they send at an even pace. (All starting at once would send every worker's
+/// record in one burst per interval, and the burst's queueing would count as the broker's latency.)
+fn first_due(start: Instant, interval: Duration, worker: u32, workers: u32) -> Instant {
+    start + interval.mul_f64(f64::from(worker % workers.max(1)) / f64::from(workers.max(1)))
 }
 
 impl FixedBatches {
     async fn run(self) {
-        let mut next_send = Instant::now();
+        let mut next_send = match self.interval {
+            Some(interval) => first_due(self.first_send, interval, self.worker, self.workers),
+            None => Instant::now(),
+        };
         while Instant::now() < self.window.end {
             let now = Instant::now();
             if self.interval.is_some() && next_send > now {
@@ -319,6 +339,9 @@ struct Batching {
     linger: Duration,
     in_flight: usize,
     interval: Option<Duration>,
+    first_due: Instant,
+    producer: u32,
+    producers: u32,
     window: Window,
 }
 
@@ -328,7 +351,10 @@ impl Batching {
         let mut partition = self.first_partition;
         // Records waiting in the accumulator, by intended send time.
         let mut pending: VecDeque<Instant> = VecDeque::new();
-        let mut next_due = Instant::now();
+        let mut next_due = match self.interval {
+            Some(interval) => first_due(self.first_due, interval, self.producer, self.producers),
+            None => Instant::now(),
+        };
         let mut sends = Vec::new();
         while Instant::now() < self.window.end {
             // Fill the accumulator: records due by now (fixed rate), or a full batch (as fast as possible).
@@ -516,10 +542,11 @@ pub async fn e2e(client: Arc<Client>, bench: ProduceBench, servers: Option<&Brok
     let interval = Duration::from_secs_f64(f64::from(workers) / rate as f64);
     let message_bytes = bench.message_bytes.max(8);
     let mut producers = Vec::new();
+    let start = Instant::now();
     for w in 0..workers {
         let (client, tally, topic) = (client.clone(), tally.clone(), bench.topic.clone());
         producers.push(tokio::spawn(async move {
-            let mut next_send = Instant::now();
+            let mut next_send = first_due(start, interval, w, workers);
             let mut partition = w % partitions.max(1);
             let origin = (Instant::now(), epoch_micros());
             while Instant::now() < end {
@@ -748,5 +775,25 @@ mod tests {
         let pid = std::process::id();
         assert!(cpu_seconds(pid).is_some_and(|s| s >= 0.0));
         assert!(peak_rss_kb(pid).is_some_and(|kb| kb > 0.0));
+    }
+
+    #[test]
+    fn fixed_rate_workers_start_spread_over_one_interval() {
+        let start = Instant::now();
+        let interval = Duration::from_millis(256);
+        let mut sends: Vec<Duration> = (0..256u32)
+            .flat_map(|w| {
+                let first = first_due(start, interval, w, 256);
+                (0..3u32).map(move |k| (first + interval * k).duration_since(start))
+            })
+            .collect();
+        sends.sort();
+        // Together, one send every interval / workers: no two at once, no bursts.
+        for pair in sends.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(gap > Duration::from_micros(999) && gap < Duration::from_micros(1001), "{gap:?}");
+        }
+        assert_eq!(first_due(start, interval, 0, 1), start);
+        assert_eq!(first_due(start, interval, 5, 0), start, "no workers: no spread, no division by zero");
     }
 }
