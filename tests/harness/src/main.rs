@@ -26,6 +26,12 @@ enum Command {
     Scenarios,
     /// Runs a scenario: workload + faults, then final reads, the checker and the gates.
     Run(Box<RunArgs>),
+    /// Prints a Markdown table of runs from their JSON reports (`run --report`), e.g. a sweep's.
+    Table {
+        /// report.json files.
+        #[arg(required = true)]
+        reports: Vec<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -136,6 +142,18 @@ fn real_main() -> anyhow::Result<bool> {
                 println!("{name:<4} not yet: {why}");
             }
             Ok(true)
+        }
+        Command::Table { reports } => {
+            let mut rows = Vec::with_capacity(reports.len());
+            for path in &reports {
+                let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+                rows.push(
+                    serde_json::from_str(&text).with_context(|| format!("{} is not a JSON report", path.display()))?,
+                );
+            }
+            let table = report::table(&rows);
+            print!("{table}");
+            Ok(!table.lines().skip(2).any(|row| row.ends_with("| FAIL |")))
         }
         Command::Run(args) => {
             let args = *args;
