@@ -10,6 +10,12 @@ use tonic::transport::{Channel, Endpoint};
 
 /// Largest message a broker client sends or accepts.
 pub const MESSAGE_BYTES_MAX: usize = 64 << 20;
+/// While a call is open on a connection, an HTTP/2 PING goes out this often...
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+/// ...and a connection whose PING is not answered within this is closed, failing its calls. A broker
+/// stopped by SIGSTOP (or a host gone without a reset) keeps its TCP connections open, so without this
+/// a produce stream to it, and every request queued on it, would wait forever.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Cached channels to brokers, by address.
 #[derive(Default)]
@@ -29,6 +35,8 @@ impl Peers {
                     .map_err(|e| format!("bad address {addr:?}: {e}"))?
                     .connect_timeout(Duration::from_secs(2))
                     .tcp_nodelay(true)
+                    .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                    .keep_alive_timeout(KEEPALIVE_TIMEOUT)
                     .connect_lazy();
                 channels.insert(addr.to_owned(), c.clone());
                 c

@@ -140,9 +140,15 @@ impl Client {
                 },
             };
             attempt += 1;
-            let err = match call(addr).await {
-                Ok(v) => return Ok(v),
-                Err(e) => e,
+            // No attempt outlives the deadline, even one whose broker never answers (stopped, or cut off
+            // without a reset): it ends as an unknown outcome, like a call cut off by a lost connection.
+            let err = match tokio::time::timeout_at(deadline, call(addr.clone())).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => e,
+                Err(_) => BrokerError::new(
+                    ErrorCode::Timeout,
+                    format!("{addr} did not answer within the request deadline of {:?}", self.deadline),
+                ),
             };
             if !retriable(&err, first_attempt.elapsed()) || tokio::time::Instant::now() + backoff > deadline {
                 if let (ErrorCode::Timeout, Some((topic, partition))) = (err.code, key) {

@@ -489,6 +489,40 @@ async fn sigterm_stops_a_broker_promptly_and_it_restarts_with_its_data() {
     .await;
 }
 
+fn signal(child: &Child, signal: &str) {
+    let status = Command::new("kill").args([signal, &child.id().to_string()]).status().expect("kill");
+    assert!(status.success(), "kill {signal} failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_produce_to_a_stopped_leader_ends_by_its_deadline_and_later_ones_reach_the_new_leader() {
+    let cluster = TestCluster::start(3);
+    cluster.wait_ready().await;
+    let deadline = Duration::from_secs(8);
+    let client = cluster.client().with_deadline(deadline);
+    client.create_topic("paused", 1, 3, vec![]).await.expect("create");
+    wait_for("a leader", async || client.describe_topic("paused").await.is_ok_and(|t| t.partitions[0].leader != 0))
+        .await;
+    // The client's produce stream to the leader is open, and the leader cached.
+    client.produce("paused", Some(0), vec![record("k", "before".into())]).await.expect("produce");
+    let leader = client.describe_topic("paused").await.expect("describe").partitions[0].leader;
+    // SIGSTOP: the leader's TCP connections stay open, but nothing on them is ever answered.
+    signal(&cluster.procs[&leader], "-STOP");
+    let mut acked = false;
+    for attempt in 0..20 {
+        let sent = client.produce("paused", Some(0), vec![record("k", format!("during-{attempt}"))]);
+        let outcome = tokio::time::timeout(deadline * 3, sent).await;
+        assert!(outcome.is_ok(), "a produce outlived its {deadline:?} deadline by far (attempt {attempt})");
+        if outcome.is_ok_and(|r| r.is_ok()) {
+            acked = true;
+            break;
+        }
+    }
+    let logs = cluster.logs();
+    signal(&cluster.procs[&leader], "-CONT");
+    assert!(acked, "no produce was acknowledged by a new leader while the old one was stopped\n{logs}");
+}
+
 /// A TCP proxy in front of one broker whose connections can be cut, and whose new connections can be
 /// held (accepted, but not yet forwarded) until it is opened again.
 struct GatedProxy {
