@@ -14,7 +14,11 @@ duration="${DURATION:-300s}"
 seed="${SEED:-20261203}"
 out="${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/flotilla-sweep.XXXXXX")}"
 mkdir -p "$out"
-harness="$CARGO_TARGET_DIR/debug/flotilla-harness"
+# The harness the tests built (and the broker it finds beside it), copied: a rebuild while the sweep
+# runs does not change them mid-sweep.
+cargo test --workspace --locked --no-run >&2
+cp "$CARGO_TARGET_DIR/debug/flotilla-harness" "$CARGO_TARGET_DIR/debug/flotilla-broker" "$out/"
+harness="$out/flotilla-harness"
 
 image=""
 reports=()
