@@ -653,7 +653,8 @@ pub enum Scenario {
     Failover,
 }
 
-/// The shape of scenario `id` (B1-B8, B10) on `topic`, measuring for `duration` after `warmup`.
+/// The shape of scenario `id` (B1-B8, B10; also B6-5K and B6-20K, B6 at other rates, and B7-3, B7 on 3
+/// partitions) on `topic`, measuring for `duration` after `warmup`.
 pub fn scenario(
     id: &str,
     topic: &str,
@@ -690,9 +691,22 @@ pub fn scenario(
             "fixed 10,000 msgs/s, 4 producers, latency from the intended send time",
             produce(ProduceBench { producers: 4, in_flight: 64, rate: Some(10_000), ..base }),
         ),
+        // B6's latency curve: the same shape at half and at twice the rate.
+        "B6-5K" => (
+            "fixed 5,000 msgs/s, 4 producers, latency from the intended send time",
+            produce(ProduceBench { producers: 4, in_flight: 64, rate: Some(5_000), ..base }),
+        ),
+        "B6-20K" => (
+            "fixed 20,000 msgs/s, 4 producers, latency from the intended send time",
+            produce(ProduceBench { producers: 4, in_flight: 64, rate: Some(20_000), ..base }),
+        ),
         "B7" => (
             "16 partitions, 4 producers x 64 in flight, leaders on every node",
             produce(ProduceBench { partitions: 16, producers: 4, in_flight: 64, ..base }),
+        ),
+        "B7-3" => (
+            "3 partitions, 4 producers x 64 in flight, leaders on every node",
+            produce(ProduceBench { partitions: 3, producers: 4, in_flight: 64, ..base }),
         ),
         "B2-BATCH" => (
             "1 partition, batching producer: 64 KiB batches, linger 1 ms, 8 in flight",
@@ -727,7 +741,9 @@ pub fn scenario(
             "failover under B6 load (10,000 msgs/s): the leader killed, then restarted; a private 3-node cluster",
             Scenario::Failover,
         ),
-        other => anyhow::bail!("unknown scenario {other:?}; known: B1-B8, B2-batch, B10 (B9 needs consumer groups)"),
+        other => anyhow::bail!(
+            "unknown scenario {other:?}; known: B1-B8, B2-batch, B6-5k, B6-20k, B7-3, B10 (B9 needs consumer groups)"
+        ),
     })
 }
 
@@ -775,6 +791,23 @@ mod tests {
         let pid = std::process::id();
         assert!(cpu_seconds(pid).is_some_and(|s| s >= 0.0));
         assert!(peak_rss_kb(pid).is_some_and(|kb| kb > 0.0));
+    }
+
+    #[test]
+    fn every_shape_bench_all_runs_is_known_and_b9_says_why_not() {
+        let d = Duration::from_secs(1);
+        for id in ["B1", "B2", "B3", "B4", "B5", "B6-5k", "B6", "B6-20k", "B7-3", "B7", "B2-batch", "B8", "B10"] {
+            assert!(scenario(id, "t", d, d).is_ok(), "{id}");
+        }
+        let rate = |id| match scenario(id, "t", d, d) {
+            Ok((_, Scenario::Produce { bench, .. })) => (bench.rate, bench.partitions),
+            _ => (None, 0),
+        };
+        assert_eq!(rate("b6-5k"), (Some(5_000), 1));
+        assert_eq!(rate("B6-20K"), (Some(20_000), 1));
+        assert_eq!(rate("B7-3"), (None, 3));
+        assert!(scenario("B9", "t", d, d).err().is_some_and(|e| e.to_string().contains("consumer groups")));
+        assert!(scenario("B11", "t", d, d).is_err());
     }
 
     #[test]
