@@ -124,8 +124,31 @@ pub struct Planned {
     pub seed: u64,
 }
 
+/// Shortest mean gap [`schedule`] shortens the asked one to.
+pub const INTERVAL_MIN: f64 = 1.0;
+
+/// Plans faults from `seed` over `[5 s, duration)` as [`schedule_at`] does, with the asked mean gap
+/// `interval` if one fault of every kind fits in the run that way; otherwise with the longest gap
+/// (20% shorter at a time, down to [`INTERVAL_MIN`]) at which they all fit, since the coverage gate asks
+/// that every kind fires. Returns the plan and the mean gap it used.
+pub fn schedule(seed: u64, kinds: &[FaultKind], duration: f64, interval: f64) -> (Vec<Planned>, f64) {
+    let mut gap = interval;
+    loop {
+        let planned = schedule_at(seed, kinds, duration, gap);
+        if missing(kinds, &planned).is_empty() || gap <= INTERVAL_MIN {
+            return (planned, gap);
+        }
+        gap = (gap * 0.8).max(INTERVAL_MIN);
+    }
+}
+
+/// The kinds no fault of `planned` is of.
+pub fn missing(kinds: &[FaultKind], planned: &[Planned]) -> Vec<FaultKind> {
+    kinds.iter().copied().filter(|k| !planned.iter().any(|p| p.kind == *k)).collect()
+}
+
 /// Plans faults from `seed` over `[5 s, duration)`, holds of 5-15 s, quiet gaps with mean `interval`.
-pub fn schedule(seed: u64, kinds: &[FaultKind], duration: f64, interval: f64) -> Vec<Planned> {
+pub fn schedule_at(seed: u64, kinds: &[FaultKind], duration: f64, interval: f64) -> Vec<Planned> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut order = kinds.to_vec();
     order.shuffle(&mut rng);
@@ -438,8 +461,9 @@ mod tests {
     #[test]
     fn a_seed_replays_the_same_schedule_and_every_kind_fires() {
         let kinds = [FaultKind::Kill, FaultKind::Pause, FaultKind::Partition];
-        let a = schedule(7, &kinds, 120.0, 10.0);
-        let b = schedule(7, &kinds, 120.0, 10.0);
+        let (a, gap) = schedule(7, &kinds, 120.0, 10.0);
+        let (b, _) = schedule(7, &kinds, 120.0, 10.0);
+        assert_eq!(gap, 10.0, "room enough at the asked gap");
         assert_eq!(format!("{a:?}"), format!("{b:?}"));
         assert!(a.len() >= 3, "{a:?}");
         for k in kinds {
@@ -447,7 +471,28 @@ mod tests {
         }
         assert!(a.windows(2).all(|w| w[1].at >= w[0].at + w[0].hold + 2.0), "faults overlap: {a:?}");
         assert!(a.iter().all(|p| p.at + p.hold <= 120.0));
-        assert_ne!(format!("{a:?}"), format!("{:?}", schedule(8, &kinds, 120.0, 10.0)));
+        assert_ne!(format!("{a:?}"), format!("{:?}", schedule(8, &kinds, 120.0, 10.0).0));
+    }
+
+    #[test]
+    fn gaps_shrink_until_every_kind_fits_and_a_run_too_short_says_which_kinds_miss() {
+        // S20 at 300 s: twelve kinds, a 15 s mean gap; some seeds leave kinds out at that gap.
+        let kinds = &FaultKind::ALL;
+        let shortened = (0..200u64)
+            .filter(|seed| !missing(kinds, &schedule_at(*seed, kinds, 300.0, 15.0)).is_empty())
+            .collect::<Vec<_>>();
+        assert!(!shortened.is_empty(), "no seed needs shorter gaps: the test proves nothing");
+        for seed in shortened {
+            let (planned, gap) = schedule(seed, kinds, 300.0, 15.0);
+            assert!(missing(kinds, &planned).is_empty(), "seed {seed}: {:?} never fire", missing(kinds, &planned));
+            assert!((INTERVAL_MIN..15.0).contains(&gap), "seed {seed}: gap {gap}");
+            assert!(planned.windows(2).all(|w| w[1].at >= w[0].at + w[0].hold + 2.0), "faults overlap");
+            assert!(planned.iter().all(|p| p.at + p.hold <= 300.0));
+        }
+        // Twelve faults of at least 5 s each, with 2 s between them, cannot fit in 60 s.
+        let (planned, gap) = schedule(1, kinds, 60.0, 15.0);
+        assert_eq!(gap, INTERVAL_MIN);
+        assert!(!missing(kinds, &planned).is_empty());
     }
 
     #[test]

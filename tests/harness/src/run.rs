@@ -647,6 +647,28 @@ async fn read_replicas(
 
 /// Runs the whole thing: the cluster is stopped before this returns, whatever happened.
 pub async fn run(config: RunConfig) -> anyhow::Result<RunReport> {
+    // Before any cluster starts: a run too short for every kind of fault to fire could only fail its
+    // coverage gate.
+    let (planned, interval) = nemesis::schedule(config.seed, &config.faults, config.duration, config.interval);
+    let never = nemesis::missing(&config.faults, &planned);
+    if !never.is_empty() {
+        let names: Vec<&str> = never.iter().map(|k| k.name()).collect();
+        anyhow::bail!(
+            "{:.0} s is too short for one fault of each of the {} kinds (these would never fire: {}); give a \
+             longer --duration or fewer --faults",
+            config.duration,
+            config.faults.len(),
+            names.join(", ")
+        );
+    }
+    if interval < config.interval {
+        println!(
+            "faults: mean gap {interval:.1} s instead of {:.1} s, so that each of the {} kinds fires in {:.0} s",
+            config.interval,
+            config.faults.len(),
+            config.duration
+        );
+    }
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.work_dir)?;
     let setup = Setup {
@@ -738,7 +760,7 @@ async fn drive(
         keys, config.rate, config.writers, config.consumers
     );
 
-    let schedule = nemesis::schedule(config.seed, &config.faults, config.duration, config.interval);
+    let (schedule, _) = nemesis::schedule(config.seed, &config.faults, config.duration, config.interval);
     let mut tasks = Vec::new();
     for w in 1..=config.writers {
         tasks.push(tokio::spawn(writer(shared.clone(), config.clone(), bootstrap.clone(), w)));
