@@ -210,6 +210,12 @@ pub async fn produce(client: Arc<Client>, bench: ProduceBench, servers: Option<&
     let tasks: Vec<tokio::task::JoinHandle<()>> = match bench.linger {
         None => (0..(bench.producers * bench.in_flight).max(1))
             .map(|w| {
+                let workers = (bench.producers * bench.in_flight).max(1);
+                let interval = bench.rate.map(|r| {
+                    Duration::from_secs_f64(
+                        f64::from(workers) * f64::from(bench.records_per_request.max(1)) / r.max(1) as f64,
+                    )
+                });
                 let run = FixedBatches {
                     client: client.clone(),
                     tally: tally.clone(),
@@ -217,13 +223,8 @@ pub async fn produce(client: Arc<Client>, bench: ProduceBench, servers: Option<&
                     topic: bench.topic.clone(),
                     partition: w % partitions.max(1),
                     records: bench.records_per_request.max(1),
-                    interval: bench.rate.map(|r| {
-                        let workers = f64::from((bench.producers * bench.in_flight).max(1));
-                        Duration::from_secs_f64(workers * f64::from(bench.records_per_request.max(1)) / r.max(1) as f64)
-                    }),
-                    first_send: start,
-                    worker: w,
-                    workers: (bench.producers * bench.in_flight).max(1),
+                    interval,
+                    first_send: interval.map_or(start, |i| first_due(start, i, w, workers)),
                     window,
                 };
                 tokio::spawn(run.run())
@@ -231,6 +232,8 @@ pub async fn produce(client: Arc<Client>, bench: ProduceBench, servers: Option<&
             .collect(),
         Some(linger) => (0..bench.producers.max(1))
             .map(|p| {
+                let interval =
+                    bench.rate.map(|r| Duration::from_secs_f64(f64::from(bench.producers.max(1)) / r.max(1) as f64));
                 let run = Batching {
                     client: client.clone(),
                     tally: tally.clone(),
@@ -241,12 +244,8 @@ pub async fn produce(client: Arc<Client>, bench: ProduceBench, servers: Option<&
                     batch_records: bench.records_per_request.max(1) as usize,
                     linger,
                     in_flight: bench.in_flight.max(1) as usize,
-                    interval: bench
-                        .rate
-                        .map(|r| Duration::from_secs_f64(f64::from(bench.producers.max(1)) / r.max(1) as f64)),
-                    first_due: start,
-                    producer: p,
-                    producers: bench.producers.max(1),
+                    interval,
+                    first_due: interval.map_or(start, |i| first_due(start, i, p, bench.producers.max(1))),
                     window,
                 };
                 tokio::spawn(run.run())
@@ -276,10 +275,8 @@ struct FixedBatches {
     partition: u32,
     records: u32,
     interval: Option<Duration>,
-    /// With a rate, this worker's first send is its share of one interval after `first_send`.
+    /// With a rate, when this worker sends first ([`first_due`]).
     first_send: Instant,
-    worker: u32,
-    workers: u32,
     window: Window,
 }
 
@@ -292,10 +289,7 @@ fn first_due(start: Instant, interval: Duration, worker: u32, workers: u32) -> I
 
 impl FixedBatches {
     async fn run(self) {
-        let mut next_send = match self.interval {
-            Some(interval) => first_due(self.first_send, interval, self.worker, self.workers),
-            None => Instant::now(),
-        };
+        let mut next_send = self.first_send;
         while Instant::now() < self.window.end {
             let now = Instant::now();
             if self.interval.is_some() && next_send > now {
@@ -339,9 +333,8 @@ struct Batching {
     linger: Duration,
     in_flight: usize,
     interval: Option<Duration>,
+    /// With a rate, when this producer's first record is due ([`first_due`]).
     first_due: Instant,
-    producer: u32,
-    producers: u32,
     window: Window,
 }
 
@@ -351,10 +344,7 @@ impl Batching {
         let mut partition = self.first_partition;
         // Records waiting in the accumulator, by intended send time.
         let mut pending: VecDeque<Instant> = VecDeque::new();
-        let mut next_due = match self.interval {
-            Some(interval) => first_due(self.first_due, interval, self.producer, self.producers),
-            None => Instant::now(),
-        };
+        let mut next_due = self.first_due;
         let mut sends = Vec::new();
         while Instant::now() < self.window.end {
             // Fill the accumulator: records due by now (fixed rate), or a full batch (as fast as possible).

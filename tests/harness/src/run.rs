@@ -690,7 +690,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<RunReport> {
         cluster.ids().into_iter().filter_map(|id| cluster.addr(id).map(|a| (id, a))).collect();
     let cluster = Arc::new(Mutex::new(cluster));
     let result = tokio::select! {
-        r = drive(config.clone(), cluster.clone(), bootstrap, addrs, target) => r,
+        r = drive(config.clone(), cluster.clone(), bootstrap, addrs, target, planned) => r,
         signal = interrupted() => Err(anyhow::anyhow!("stopped by {signal}; the cluster was torn down, nothing was judged")),
     };
     let log_lines = tokio::task::block_in_place(|| {
@@ -733,6 +733,7 @@ async fn drive(
     bootstrap: Vec<String>,
     addrs: BTreeMap<u64, String>,
     target: &'static str,
+    schedule: Vec<nemesis::Planned>,
 ) -> anyhow::Result<RunReport> {
     // Setup: the first generation of topics, with patience (the cluster is still electing).
     let admin = Client::new(bootstrap.clone());
@@ -760,7 +761,6 @@ async fn drive(
         keys, config.rate, config.writers, config.consumers
     );
 
-    let (schedule, _) = nemesis::schedule(config.seed, &config.faults, config.duration, config.interval);
     let mut tasks = Vec::new();
     for w in 1..=config.writers {
         tasks.push(tokio::spawn(writer(shared.clone(), config.clone(), bootstrap.clone(), w)));
