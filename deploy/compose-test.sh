@@ -36,9 +36,21 @@ wait_healthy() {
   fail "the nodes did not all become healthy"
 }
 
+# Healthy means serving; the controller elects its leader after. Capture, then match: `| grep -q` would
+# close the pipe on the first match while the CLI still writes.
+wait_controller_leader() {
+  local status=""
+  for _ in $(seq 1 60); do
+    status=$(flotilla cluster status 2>&1 || true)
+    [[ "$status" =~ "controller leader: "[1-3] ]] && return 0
+    sleep 1
+  done
+  fail "no controller leader: $status"
+}
+
 dc up -d >/dev/null 2>&1 || fail "docker compose up"
 wait_healthy
-flotilla cluster status | grep -q "controller leader: [1-3]" || fail "no controller leader"
+wait_controller_leader
 flotilla topic create compose --partitions 3 --replication-factor 3 >/dev/null || fail "topic create"
 printf 'one\ntwo\nthree\n' | flotilla produce compose --partition 1 >/dev/null || fail "produce"
 [ "$(flotilla consume compose --partition 1 --max 3 | cut -f5 | paste -sd,)" = "one,two,three" ] || fail "consume"
@@ -49,7 +61,8 @@ wait_healthy
 # Metrics are published on 127.0.0.1:19501-19503; a real Prometheus (Debian's package), where installed,
 # scrapes them with deploy/prometheus.yml.
 if command -v curl >/dev/null; then
-  curl -fsS http://127.0.0.1:19501/metrics | grep -q '^flotilla_storage_fsyncs_total' || fail "metrics endpoint"
+  metrics=$(curl -fsS http://127.0.0.1:19501/metrics) || fail "metrics endpoint unreachable"
+  grep -q '^flotilla_storage_fsyncs_total' <<<"$metrics" || fail "metrics endpoint has no flotilla_storage_fsyncs_total"
 fi
 if command -v prometheus >/dev/null && command -v curl >/dev/null; then
   promtool check config deploy/prometheus.yml >/dev/null || fail "prometheus config"

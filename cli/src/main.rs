@@ -12,6 +12,12 @@ use flotilla_cli::client::Client;
 use flotilla_proto::broker as pb;
 use serde_json::json;
 
+/// `println!` that hands back the write's error instead of panicking: when the reader of our output goes
+/// away (`| head`, `| grep -q`), the command ends through `main`, which exits quietly on a broken pipe.
+macro_rules! out {
+    ($($arg:tt)*) => { writeln!(std::io::stdout(), $($arg)*) };
+}
+
 #[derive(Parser, Debug)]
 #[command(name = "flotilla", version, about = "Manage and use a Flotilla cluster")]
 struct Cli {
@@ -253,26 +259,31 @@ fn topic_json(t: &pb::TopicInfo) -> serde_json::Value {
     })
 }
 
-fn print_topic(t: &pb::TopicInfo, output: Output) {
+fn print_topic(t: &pb::TopicInfo, output: Output) -> std::io::Result<()> {
     match output {
-        Output::Json => println!("{}", topic_json(t)),
+        Output::Json => out!("{}", topic_json(t))?,
         Output::Table => {
             let configs: Vec<String> = t.configs.iter().map(|c| format!("{}={}", c.key, c.value)).collect();
-            println!(
+            out!(
                 "topic {} (id {}, replication factor {}) {}",
                 t.name,
                 t.topic_id,
                 t.replication_factor,
                 configs.join(" ")
-            );
-            println!(
+            )?;
+            out!(
                 "{:>9}  {:>6}  {:<12}  {:<12}  {:>10}  {:>14}",
-                "PARTITION", "LEADER", "REPLICAS", "IN-SYNC", "START", "HIGH-WATERMARK"
-            );
+                "PARTITION",
+                "LEADER",
+                "REPLICAS",
+                "IN-SYNC",
+                "START",
+                "HIGH-WATERMARK"
+            )?;
             for p in &t.partitions {
                 let list = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
                 let leader = if p.leader == 0 { "-".to_owned() } else { p.leader.to_string() };
-                println!(
+                out!(
                     "{:>9}  {:>6}  {:<12}  {:<12}  {:>10}  {:>14}",
                     p.partition,
                     leader,
@@ -280,10 +291,11 @@ fn print_topic(t: &pb::TopicInfo, output: Output) {
                     list(&p.in_sync),
                     p.log_start_offset,
                     p.high_watermark
-                );
+                )?;
             }
         }
     }
+    Ok(())
 }
 
 /// Prints one record. A closed stdout (`flotilla consume ... | head`) is an error the caller stops on.
@@ -421,9 +433,9 @@ async fn dev(nodes: u64, data_dir: &Path, base_port: u16) -> anyhow::Result<()> 
     let pids_file = data_dir.join(flotilla_cli::bench::DEV_PIDS_FILE);
     std::fs::write(&pids_file, pids.join("\n") + "\n")
         .with_context(|| format!("cannot write {}", pids_file.display()))?;
-    println!("flotilla dev: {nodes} brokers running; logs and data in {}", data_dir.display());
-    println!("bootstrap: {}", addrs.join(","));
-    println!("try: flotilla --bootstrap {} cluster status", addrs[0]);
+    out!("flotilla dev: {nodes} brokers running; logs and data in {}", data_dir.display())?;
+    out!("bootstrap: {}", addrs.join(","))?;
+    out!("try: flotilla --bootstrap {} cluster status", addrs[0])?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let exited = async {
         loop {
@@ -484,8 +496,8 @@ async fn bench_scenario(
             Scenario::Failover => {
                 let f = flotilla_cli::failover::run(Duration::from_secs(duration), Duration::from_secs(warmup)).await?;
                 match output {
-                    Output::Json => println!("{}", f.json()),
-                    Output::Table => println!("{id} run {run}: {}", f.line()),
+                    Output::Json => out!("{}", f.json())?,
+                    Output::Table => out!("{id} run {run}: {}", f.line())?,
                 }
                 failovers.push((f.unavailable_ms, f.p999_after_kill_ms, f.lost));
                 reports.push(f.load);
@@ -503,8 +515,8 @@ async fn bench_scenario(
             }
         };
         match output {
-            Output::Json => println!("{}", report.json()),
-            Output::Table => println!("{id} run {run}: {}", report.line()),
+            Output::Json => out!("{}", report.json())?,
+            Output::Table => out!("{id} run {run}: {}", report.line())?,
         }
         reports.push(report);
         if let Err(e) = admin.delete_topic(&topic).await {
@@ -523,7 +535,7 @@ async fn bench_scenario(
         );
     }
     if output == Output::Table {
-        println!("{}", bench::markdown_row(&id.to_ascii_uppercase(), &title, &reports));
+        out!("{}", bench::markdown_row(&id.to_ascii_uppercase(), &title, &reports))?;
     }
     Ok(())
 }
@@ -542,28 +554,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cluster { command: ClusterCommand::Status } => {
             let md = client.metadata().await?;
             match output {
-                Output::Json => println!(
+                Output::Json => out!(
                     "{}",
                     json!({
                         "controller_leader": md.controller_leader,
                         "nodes": md.nodes.iter().map(|n| json!({"node_id": n.node_id, "addr": n.addr, "alive": n.alive, "lagging": n.lagging, "leaderships": n.leaderships})).collect::<Vec<_>>(),
                         "topics": md.topics.len(),
                     })
-                ),
+                )?,
                 Output::Table => {
-                    println!(
+                    out!(
                         "controller leader: {}",
                         if md.controller_leader == 0 { "none".to_owned() } else { md.controller_leader.to_string() }
-                    );
-                    println!(
-                        "{:>4}  {:<22}  {:<6}  {:<7}  {:>11}",
-                        "NODE", "ADDRESS", "ALIVE", "LAGGING", "LEADERSHIPS"
-                    );
+                    )?;
+                    out!("{:>4}  {:<22}  {:<6}  {:<7}  {:>11}", "NODE", "ADDRESS", "ALIVE", "LAGGING", "LEADERSHIPS")?;
                     for n in &md.nodes {
-                        println!(
+                        out!(
                             "{:>4}  {:<22}  {:<6}  {:<7}  {:>11}",
-                            n.node_id, n.addr, n.alive, n.lagging, n.leaderships
-                        );
+                            n.node_id,
+                            n.addr,
+                            n.alive,
+                            n.lagging,
+                            n.leaderships
+                        )?;
                     }
                 }
             }
@@ -572,25 +585,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             TopicCommand::Create { name, partitions, replication_factor, configs } => {
                 let configs = configs.iter().map(|c| key_value(c)).collect::<anyhow::Result<Vec<_>>>()?;
                 let t = client.create_topic(&name, partitions, replication_factor, configs).await?;
-                print_topic(&t, output);
+                print_topic(&t, output)?;
             }
             TopicCommand::List => {
                 for t in client.list_topics().await? {
                     match output {
-                        Output::Json => println!("{}", topic_json(&t)),
-                        Output::Table => println!(
+                        Output::Json => out!("{}", topic_json(&t))?,
+                        Output::Table => out!(
                             "{}\t{} partitions\treplication factor {}",
                             t.name,
                             t.partitions.len(),
                             t.replication_factor
-                        ),
+                        )?,
                     }
                 }
             }
-            TopicCommand::Describe { name } => print_topic(&client.describe_topic(&name).await?, output),
+            TopicCommand::Describe { name } => print_topic(&client.describe_topic(&name).await?, output)?,
             TopicCommand::Delete { name } => {
                 client.delete_topic(&name).await?;
-                println!("deleted topic {name}");
+                out!("deleted topic {name}")?;
             }
         },
         Command::Produce { topic, value, key, partition, headers, null } => {
@@ -612,8 +625,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 let ack = client.produce(&topic, partition, vec![record]).await?;
                 match output {
-                    Output::Json => println!("{}", json!({"partition": ack.partition, "offset": ack.base_offset})),
-                    Output::Table => println!("partition {} offset {}", ack.partition, ack.base_offset),
+                    Output::Json => out!("{}", json!({"partition": ack.partition, "offset": ack.base_offset}))?,
+                    Output::Table => out!("partition {} offset {}", ack.partition, ack.base_offset)?,
                 }
             }
         }
@@ -645,8 +658,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             };
             match output {
-                Output::Json => println!("{}", report.json()),
-                Output::Table => println!("{}", report.line()),
+                Output::Json => out!("{}", report.json())?,
+                Output::Table => out!("{}", report.line())?,
             }
         }
         Command::Consume { topic, partition, from, max, follow } => {

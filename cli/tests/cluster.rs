@@ -814,6 +814,43 @@ async fn consume_into_a_closed_pipe_stops_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+/// `flotilla cluster status | grep -q "controller leader"` made the CLI panic ("failed printing to stdout:
+/// Broken pipe") and exit 101, which failed the compose test under `pipefail`: every command that prints
+/// must end quietly, with success, when its reader has gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_printing_command_into_a_closed_pipe_exits_quietly() {
+    let cluster = TestCluster::start(1);
+    cluster.wait_ready().await;
+    cluster.client().create_topic("closed", 3, 1, vec![]).await.expect("create");
+    let commands: [&[&str]; 5] = [
+        &["cluster", "status"],
+        &["topic", "list"],
+        &["topic", "describe", "closed"],
+        &["--output", "json", "topic", "describe", "closed"],
+        &["topic", "create", "closed-2", "--partitions", "2", "--replication-factor", "1"],
+    ];
+    for args in commands {
+        let mut child = Command::new(flotilla_bin())
+            .arg("--bootstrap")
+            .arg(cluster.bootstrap())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run flotilla");
+        // The reader is gone before the command has its answer to print, as `| grep -q` is when it
+        // matched an earlier line.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("wait");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: exit {:?}: {stderr}", out.status);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    // The command whose output nobody read still did its work.
+    let t = cluster.client().describe_topic("closed-2").await.expect("created despite the closed pipe");
+    assert_eq!(t.partitions.len(), 2);
+}
+
 fn sized(value_bytes: usize, i: usize, timestamp_ms: i64) -> pb::Record {
     let mut value = format!("v{i:04}-").into_bytes();
     value.resize(value_bytes, b'.');
