@@ -165,6 +165,8 @@ pub struct Broker {
     pub produce_memory: ProduceMemory,
     /// The data volume's free space and its floor.
     pub disk: Arc<DiskGuard>,
+    /// Groups of deleted topics being stopped and deleted (see [`Broker::drop_group`]).
+    dropping: Arc<std::sync::Mutex<std::collections::HashSet<GroupId>>>,
 }
 
 impl Broker {
@@ -203,6 +205,7 @@ impl Broker {
             proposers: Proposers::default(),
             produce_memory: ProduceMemory::new(config.memory.produce_in_flight),
             disk: Arc::new(disk),
+            dropping: Arc::default(),
             config,
         }))
     }
@@ -246,12 +249,33 @@ impl Broker {
         }
         for group in self.node.groups() {
             if group.mode == Mode::Log && !desired.contains_key(&group.id) {
-                tracing::info!(group = group.id, "dropping the group of a deleted topic");
-                self.proposers.forget(group.id);
-                self.node.remove_group(group.id).await?;
+                self.drop_group(group.id);
             }
         }
         Ok(())
+    }
+
+    /// Stops and deletes the group of a deleted topic in the background: a topic created meanwhile must
+    /// not wait for its groups behind the old topic's (group ids are never reused, so the two cannot meet).
+    fn drop_group(&self, group: GroupId) {
+        if !self.dropping.lock().unwrap_or_else(|p| p.into_inner()).insert(group) {
+            return;
+        }
+        self.proposers.forget(group);
+        let node = self.node.clone();
+        let dropping = self.dropping.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            match node.remove_group(group).await {
+                Ok(()) => tracing::info!(
+                    group,
+                    ms = started.elapsed().as_millis() as u64,
+                    "dropped the group of a deleted topic"
+                ),
+                Err(e) => tracing::warn!(group, "dropping the group of a deleted topic failed: {e:#}"),
+            }
+            dropping.lock().unwrap_or_else(|p| p.into_inner()).remove(&group);
+        });
     }
 
     /// Runs [`Broker::reconcile`] on every controller change, and every few seconds, until `stop` fires.

@@ -150,6 +150,7 @@ pub async fn run_collector(broker: Arc<Broker>, mut stop: tokio::sync::watch::Re
         gauge!("flotilla_memory_bytes", "use" => "block_cache").set(engine.block_cache as f64);
         gauge!("flotilla_memory_bytes", "use" => "tail_cache").set(broker.node.tail_budget().used() as f64);
         gauge!("flotilla_memory_bytes", "use" => "produce_in_flight").set(broker.produce_memory.in_use() as f64);
+        gauge!("flotilla_raft_groups").set(broker.node.groups().len() as f64);
         let mut leaderships = 0u32;
         for topic in broker.topics() {
             for (partition, p) in topic.partitions.iter().enumerate() {

@@ -851,6 +851,65 @@ async fn every_printing_command_into_a_closed_pipe_exits_quietly() {
     assert_eq!(t.partitions.len(), 2);
 }
 
+/// The number of Raft groups the broker whose metrics listen on `addr` hosts, once it has sampled them.
+async fn hosted_groups(addr: &str) -> Option<f64> {
+    let text = http_get(addr, "/metrics").await?;
+    parse_prometheus(&text).into_iter().find(|(series, _)| series == "flotilla_raft_groups").map(|(_, v)| v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_topic_drops_its_groups_everywhere_and_its_name_can_be_reused_from_offset_zero() {
+    let cluster = TestCluster::start(3);
+    cluster.wait_ready().await;
+    let client = cluster.client();
+    let mut before = BTreeMap::new();
+    for (id, addr) in &cluster.metrics {
+        let mut groups = None;
+        wait_for("the first metrics sample", async || {
+            groups = hosted_groups(addr).await;
+            groups.is_some()
+        })
+        .await;
+        before.insert(*id, groups.unwrap_or_default());
+    }
+    client.create_topic("doomed", 6, 3, vec![]).await.expect("create");
+    for p in 0..6 {
+        client.produce("doomed", Some(p), vec![record("k", format!("old-{p}"))]).await.expect("produce");
+    }
+    for (id, addr) in &cluster.metrics {
+        wait_for("every node to host the topic's groups", async || hosted_groups(addr).await == Some(before[id] + 6.0))
+            .await;
+    }
+    client.delete_topic("doomed").await.expect("delete");
+    // A topic created at once gets leaders and takes writes while the old groups go.
+    client.create_topic("doomed", 6, 3, vec![]).await.expect("create again");
+    for p in 0..6 {
+        let ack = client.produce("doomed", Some(p), vec![record("k", format!("new-{p}"))]).await.expect("produce");
+        assert_eq!(ack.base_offset, 0, "partition {p} of the new topic starts at offset 0");
+        let read = read_partition(&client, "doomed", p).await;
+        let values: Vec<_> = read.iter().map(|r| r.value.clone().unwrap_or_default()).collect();
+        assert_eq!(values, vec![Bytes::from(format!("new-{p}"))], "partition {p} holds only the new record");
+    }
+    // Every node stopped the old groups and deleted them, and hosts the new ones.
+    let node_logs = || {
+        cluster
+            .addrs
+            .keys()
+            .map(|id| std::fs::read_to_string(cluster.dir.path().join(format!("node-{id}.log"))).unwrap_or_default())
+    };
+    wait_for("all 3 nodes to drop all 6 of the deleted topic's groups", async || {
+        node_logs().map(|log| log.matches("dropped the group of a deleted topic").count()).sum::<usize>() == 18
+    })
+    .await;
+    assert!(node_logs().all(|log| !log.contains("dropping the group of a deleted topic failed")), "{}", cluster.logs());
+    for (id, addr) in &cluster.metrics {
+        wait_for("every node's metrics to count only the new topic's groups", async || {
+            hosted_groups(addr).await == Some(before[id] + 6.0)
+        })
+        .await;
+    }
+}
+
 fn sized(value_bytes: usize, i: usize, timestamp_ms: i64) -> pb::Record {
     let mut value = format!("v{i:04}-").into_bytes();
     value.resize(value_bytes, b'.');

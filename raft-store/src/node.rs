@@ -471,9 +471,14 @@ impl RaftNode {
         }
         self.engine.write(batch)?;
         self.syncer.sync().await?;
-        for cf in Cf::ALL {
-            self.engine.reclaim_range(cf, &from, &to)?;
-        }
+        // Dropping files takes RocksDB's mutex and writes its MANIFEST: not on a runtime thread, where it
+        // would hold up every group's work on that thread.
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || {
+            Cf::ALL.into_iter().try_for_each(|cf| engine.reclaim_range(cf, &from, &to))
+        })
+        .await
+        .map_err(|e| io::Error::other(format!("group {group}: reclaiming its files: {e}")))??;
         Ok(())
     }
 
