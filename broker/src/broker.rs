@@ -165,8 +165,6 @@ pub struct Broker {
     pub produce_memory: ProduceMemory,
     /// The data volume's free space and its floor.
     pub disk: Arc<DiskGuard>,
-    /// Groups of deleted topics being stopped and deleted (see [`Broker::drop_group`]).
-    dropping: Arc<std::sync::Mutex<std::collections::HashSet<GroupId>>>,
 }
 
 impl Broker {
@@ -205,7 +203,6 @@ impl Broker {
             proposers: Proposers::default(),
             produce_memory: ProduceMemory::new(config.memory.produce_in_flight),
             disk: Arc::new(disk),
-            dropping: Arc::default(),
             config,
         }))
     }
@@ -255,18 +252,15 @@ impl Broker {
         Ok(())
     }
 
-    /// Stops and deletes the group of a deleted topic in the background: a topic created meanwhile must
-    /// not wait for its groups behind the old topic's (group ids are never reused, so the two cannot meet).
+    /// Takes the group of a deleted topic off this node and stops and deletes it in the background: a
+    /// topic created meanwhile must not wait for its groups behind the old topic's (group ids are never
+    /// reused, so the two cannot meet). The next reconcile no longer sees the group.
     fn drop_group(&self, group: GroupId) {
-        if !self.dropping.lock().unwrap_or_else(|p| p.into_inner()).insert(group) {
-            return;
-        }
         self.proposers.forget(group);
-        let node = self.node.clone();
-        let dropping = self.dropping.clone();
+        let removal = self.node.remove_group(group);
         tokio::spawn(async move {
             let started = std::time::Instant::now();
-            match node.remove_group(group).await {
+            match removal.await {
                 Ok(()) => tracing::info!(
                     group,
                     ms = started.elapsed().as_millis() as u64,
@@ -274,7 +268,6 @@ impl Broker {
                 ),
                 Err(e) => tracing::warn!(group, "dropping the group of a deleted topic failed: {e:#}"),
             }
-            dropping.lock().unwrap_or_else(|p| p.into_inner()).remove(&group);
         });
     }
 

@@ -458,28 +458,32 @@ impl RaftNode {
         self.groups().iter().find_map(|g| g.failure().map(|why| (g.id, why)))
     }
 
-    /// Stops group `group` and deletes all of its data from this node.
-    pub async fn remove_group(&self, group: GroupId) -> io::Result<()> {
+    /// Takes group `group` off this node at once (it is gone from [`RaftNode::groups`] when this returns)
+    /// and returns the work of stopping it and deleting all of its data, to run wherever the caller likes.
+    pub fn remove_group(self: &Arc<Self>, group: GroupId) -> impl Future<Output = io::Result<()>> + Send + 'static {
         let removed = self.groups.write().unwrap_or_else(|p| p.into_inner()).remove(&group);
-        if let Some(g) = removed {
-            g.raft.shutdown().await.map_err(|e| io::Error::other(format!("group {group}: shutdown: {e}")))?;
+        let node = self.clone();
+        async move {
+            if let Some(g) = removed {
+                g.raft.shutdown().await.map_err(|e| io::Error::other(format!("group {group}: shutdown: {e}")))?;
+            }
+            let (from, to) = keys::group_range(group);
+            let mut batch = WriteBatch::new();
+            for cf in Cf::ALL {
+                batch.delete_range(cf, from.clone(), to.clone());
+            }
+            node.engine.write(batch)?;
+            node.syncer.sync().await?;
+            // Dropping files takes RocksDB's mutex and writes its MANIFEST: not on a runtime thread, where
+            // it would hold up every group's work on that thread.
+            let engine = node.engine.clone();
+            tokio::task::spawn_blocking(move || {
+                Cf::ALL.into_iter().try_for_each(|cf| engine.reclaim_range(cf, &from, &to))
+            })
+            .await
+            .map_err(|e| io::Error::other(format!("group {group}: reclaiming its files: {e}")))??;
+            Ok(())
         }
-        let (from, to) = keys::group_range(group);
-        let mut batch = WriteBatch::new();
-        for cf in Cf::ALL {
-            batch.delete_range(cf, from.clone(), to.clone());
-        }
-        self.engine.write(batch)?;
-        self.syncer.sync().await?;
-        // Dropping files takes RocksDB's mutex and writes its MANIFEST: not on a runtime thread, where it
-        // would hold up every group's work on that thread.
-        let engine = self.engine.clone();
-        tokio::task::spawn_blocking(move || {
-            Cf::ALL.into_iter().try_for_each(|cf| engine.reclaim_range(cf, &from, &to))
-        })
-        .await
-        .map_err(|e| io::Error::other(format!("group {group}: reclaiming its files: {e}")))??;
-        Ok(())
     }
 
     /// Before a planned stop: asks every group this node leads to hand leadership to its most caught-up
