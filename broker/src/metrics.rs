@@ -142,6 +142,9 @@ pub async fn run_collector(broker: Arc<Broker>, mut stop: tokio::sync::watch::Re
         let (batches, beats) = broker.node.heartbeat_stats();
         counter!("flotilla_raft_heartbeat_batches_total").absolute(batches);
         counter!("flotilla_raft_heartbeats_total").absolute(beats);
+        let (messages, frames) = broker.node.append_stats();
+        counter!("flotilla_raft_append_messages_total").absolute(messages);
+        counter!("flotilla_raft_append_frames_total").absolute(frames);
         let engine = broker.node.engine().memory_usage();
         gauge!("flotilla_memory_budget_bytes").set(broker.config.memory.budget as f64);
         gauge!("flotilla_disk_free_bytes").set(broker.disk.free() as f64);

@@ -704,6 +704,8 @@ async fn every_broker_serves_prometheus_metrics() {
         "flotilla_partition_leaderships",
         "flotilla_raft_heartbeats_total",
         "flotilla_raft_heartbeat_batches_total",
+        "flotilla_raft_append_messages_total",
+        "flotilla_raft_append_frames_total",
     ] {
         assert!(everywhere(name), "a node does not export {name}");
     }

@@ -378,6 +378,11 @@ impl RaftNode {
         self.pool.beat_stats().snapshot()
     }
 
+    /// (messages, frames) this node has sent on its append connections to its peers.
+    pub fn append_stats(&self) -> (u64, u64) {
+        self.pool.append_stats().snapshot()
+    }
+
     pub fn sync_stats(&self) -> SyncStatsSnapshot {
         self.syncer.stats().snapshot()
     }

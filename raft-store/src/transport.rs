@@ -1,11 +1,15 @@
 //! Raft transport over tonic: every group of a node talks to a peer node over one HTTP/2 connection.
 //!
 //! The client side is a [`PeerPool`] (one lazily connected channel per peer, shared by all groups) and a
-//! per-group [`GroupNetworkFactory`] that openraft asks for clients. Replication uses a bidirectional
-//! `StreamAppend` stream, so several AppendEntries are in flight at once and answered in order. Heartbeats
-//! do not take a stream each: the heartbeat clients of all groups towards one peer queue them for that
-//! peer's [`send_beats`] task, which sends whatever has queued as one `Heartbeat` batch. The server
-//! side, [`RaftTransportService`], routes each message to the group it names through a [`GroupLookup`].
+//! per-group [`GroupNetworkFactory`] that openraft asks for clients. Replication streams (openraft's
+//! `stream_append`: several AppendEntries in flight, answered in order) do not take an HTTP/2 stream
+//! each: every group's replication stream towards one peer is a numbered stream inside that peer's one
+//! `AppendStreams` call (an [`AppendMux`]), and whatever frames of whichever groups are ready when the
+//! connection can send go out as one message ([`Multiplex`]); the replies come back the same way.
+//! Heartbeats do not take a stream either: the heartbeat clients of all groups towards one peer queue
+//! them for that peer's [`send_beats`] task, which sends whatever has queued as one `Heartbeat` batch.
+//! The server side, [`RaftTransportService`], routes each message to the group it names through a
+//! [`GroupLookup`].
 //!
 //! Conversions between openraft's types and the protobuf messages live here and only here.
 
@@ -14,9 +18,12 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::stream::SelectAll;
+use futures::task::AtomicWaker;
 use futures::{Stream, StreamExt};
 use openraft::BasicNode;
 use openraft::RaftNetworkV2;
@@ -27,6 +34,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendError, StreamAppendResult,
     TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
+use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response as TonicResponse, Status, Streaming};
 
@@ -43,8 +51,14 @@ use crate::types::{Entry, LogId, NodeId, Snapshot, SnapshotMeta, TypeConfig, Vot
 pub const MESSAGE_BYTES_MAX: usize = 64 << 20;
 /// A response to an in-flight append not heard within this time fails the stream (e.g. a paused peer).
 const APPEND_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a replication stream may take to be set up (the peer answers with headers at once).
+/// How long a peer's append connection may take to be set up (the peer answers with headers at once).
 const APPEND_SETUP_TIMEOUT: Duration = Duration::from_secs(2);
+/// AppendEntries of one replication stream sent and not yet answered. The sender holds back the next
+/// until a reply comes; the receiver refuses a stream that goes past it. Matches the pipeline depth
+/// openraft's `Raft::stream_append` keeps on the receiving side.
+const APPENDS_IN_FLIGHT_MAX: usize = 64;
+/// Payload bytes packed into one multiplexed message beyond its first frame.
+const FRAMES_BYTES_MAX: usize = 1 << 20;
 /// A heartbeat batch not answered within this time fails its heartbeats (a paused or cut-off peer).
 const BATCH_TIMEOUT: Duration = Duration::from_secs(1);
 /// The receiver's time for one heartbeat of a batch: the others do not wait for a slower group.
@@ -138,20 +152,28 @@ pub struct PeerPool {
     channels: Mutex<HashMap<(NodeId, String), Channel>>,
     /// Each peer's heartbeat queue, drained by its [`send_beats`] task.
     beats: Mutex<HashMap<(NodeId, String), BeatQueue>>,
-    beat_stats: Arc<BeatStats>,
+    beat_stats: Arc<BatchStats>,
+    /// Each peer's append connection, replaced once it has failed.
+    muxes: Mutex<HashMap<(NodeId, String), Arc<AppendMux>>>,
+    append_stats: Arc<BatchStats>,
 }
 
-/// Heartbeats sent, and the batches they went in, to every peer together.
+/// Items sent (heartbeats, append frames), and the messages they went in, to every peer together.
 #[derive(Debug, Default)]
-pub struct BeatStats {
+pub struct BatchStats {
     batches: AtomicU64,
-    beats: AtomicU64,
+    items: AtomicU64,
 }
 
-impl BeatStats {
-    /// (batches, heartbeats) sent so far.
+impl BatchStats {
+    /// (messages, items) sent so far.
     pub fn snapshot(&self) -> (u64, u64) {
-        (self.batches.load(Ordering::Relaxed), self.beats.load(Ordering::Relaxed))
+        (self.batches.load(Ordering::Relaxed), self.items.load(Ordering::Relaxed))
+    }
+
+    fn count(&self, items: usize) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.items.fetch_add(items as u64, Ordering::Relaxed);
     }
 }
 
@@ -171,11 +193,33 @@ impl PeerPool {
             channels: Mutex::new(HashMap::new()),
             beats: Mutex::new(HashMap::new()),
             beat_stats: Arc::default(),
+            muxes: Mutex::new(HashMap::new()),
+            append_stats: Arc::default(),
         })
     }
 
-    pub fn beat_stats(&self) -> &BeatStats {
+    /// Heartbeat batches and heartbeats sent.
+    pub fn beat_stats(&self) -> &BatchStats {
         &self.beat_stats
+    }
+
+    /// Multiplexed append messages and the frames (requests and stream ends) they carried.
+    pub fn append_stats(&self) -> &BatchStats {
+        &self.append_stats
+    }
+
+    /// The append connection towards `target`, set up on first use and again after it failed.
+    fn mux(&self, target: NodeId, addr: &str) -> Result<Arc<AppendMux>, String> {
+        let mut muxes = self.muxes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(mux) = muxes.get(&(target, addr.to_owned()))
+            && !mux.routes.is_closed()
+        {
+            return Ok(mux.clone());
+        }
+        let client = self.client(target, addr)?;
+        let mux = AppendMux::start(client, self.append_stats.clone());
+        muxes.insert((target, addr.to_owned()), mux.clone());
+        Ok(mux)
     }
 
     /// The heartbeat queue towards `target`, its sending task started on first use. The queue needs no
@@ -223,7 +267,7 @@ impl PeerPool {
 async fn send_beats(
     mut client: RaftTransportClient<Channel>,
     mut queue: tokio::sync::mpsc::UnboundedReceiver<Beat>,
-    stats: Arc<BeatStats>,
+    stats: Arc<BatchStats>,
 ) {
     while let Some(first) = queue.recv().await {
         let mut beats = vec![first];
@@ -237,8 +281,7 @@ async fn send_beats(
         }
         let (heartbeats, replies): (Vec<_>, Vec<_>) = beats.into_iter().map(|b| (b.request, b.reply)).unzip();
         let sent = heartbeats.len();
-        stats.batches.fetch_add(1, Ordering::Relaxed);
-        stats.beats.fetch_add(sent as u64, Ordering::Relaxed);
+        stats.count(sent);
         let outcomes = match tokio::time::timeout(BATCH_TIMEOUT, client.heartbeat(pb::HeartbeatBatch { heartbeats }))
             .await
         {
@@ -271,9 +314,7 @@ fn pb_outcome(result: Result<pb::AppendReply, Status>) -> pb::HeartbeatOutcome {
     use pb::heartbeat_outcome::Outcome;
     let outcome = match result {
         Ok(reply) => Outcome::Reply(reply),
-        Err(status) => {
-            Outcome::Error(pb::HeartbeatError { code: status.code() as i32, message: status.message().to_owned() })
-        }
+        Err(status) => Outcome::Error(rpc_error_of(&status)),
     };
     pb::HeartbeatOutcome { outcome: Some(outcome) }
 }
@@ -282,8 +323,281 @@ fn from_pb_outcome(outcome: pb::HeartbeatOutcome) -> Result<pb::AppendReply, Sta
     use pb::heartbeat_outcome::Outcome;
     match outcome.outcome {
         Some(Outcome::Reply(reply)) => Ok(reply),
-        Some(Outcome::Error(e)) => Err(Status::new(tonic::Code::from_i32(e.code), e.message)),
+        Some(Outcome::Error(e)) => Err(status_of(e)),
         None => Err(Status::internal("empty heartbeat outcome")),
+    }
+}
+
+fn rpc_error_of(status: &Status) -> pb::RpcError {
+    pb::RpcError { code: status.code() as i32, message: status.message().to_owned() }
+}
+
+fn status_of(e: pb::RpcError) -> Status {
+    Status::new(tonic::Code::from_i32(e.code), e.message)
+}
+
+// ---- multiplexing ------------------------------------------------------------------------------
+
+/// Frames of many streams on one: each stream is polled in turn, and everything ready goes out as one
+/// batch (up to [`FRAMES_BYTES_MAX`] after the first frame). Streams come in through `opened` while
+/// it runs; a stream that ends leaves. The multiplex ends once `opened` is closed and every stream
+/// has ended. Both ends of an append connection send through one: the requests of the replication
+/// streams, and the replies to them.
+pub struct Multiplex<T> {
+    opened: mpsc::UnboundedReceiver<BoxStream<'static, T>>,
+    open: SelectAll<BoxStream<'static, T>>,
+    closed: bool,
+    bytes: fn(&T) -> usize,
+}
+
+impl<T> Multiplex<T> {
+    fn new(opened: mpsc::UnboundedReceiver<BoxStream<'static, T>>, bytes: fn(&T) -> usize) -> Self {
+        Self { opened, open: SelectAll::new(), closed: false, bytes }
+    }
+}
+
+impl<T> Stream for Multiplex<T> {
+    type Item = Vec<T>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Vec<T>>> {
+        let this = &mut *self;
+        while !this.closed {
+            match this.opened.poll_recv(cx) {
+                Poll::Ready(Some(stream)) => this.open.push(stream),
+                Poll::Ready(None) => this.closed = true,
+                Poll::Pending => break,
+            }
+        }
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while bytes < FRAMES_BYTES_MAX {
+            match this.open.poll_next_unpin(cx) {
+                Poll::Ready(Some(item)) => {
+                    bytes += (this.bytes)(&item);
+                    batch.push(item);
+                }
+                // No stream is ready, or none is open (then `opened` holds the waker).
+                Poll::Ready(None) | Poll::Pending => break,
+            }
+        }
+        if !batch.is_empty() {
+            Poll::Ready(Some(batch))
+        } else if this.closed && this.open.is_empty() {
+            Poll::Ready(None)
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+fn request_frame_bytes(frame: &pb::AppendFrame) -> usize {
+    match &frame.body {
+        Some(pb::append_frame::Body::Request(req)) => req.entries.iter().map(Bytes::len).sum(),
+        _ => 0,
+    }
+}
+
+/// Replies are a few bytes each: only the count bounds a batch of them.
+fn reply_frame_bytes(_: &pb::AppendReplyFrame) -> usize {
+    64
+}
+
+/// How many of a replication stream's requests are out unanswered; the sender waits at the limit.
+struct Window {
+    in_flight: AtomicUsize,
+    waker: AtomicWaker,
+}
+
+impl Window {
+    fn new() -> Arc<Self> {
+        Arc::new(Self { in_flight: AtomicUsize::new(0), waker: AtomicWaker::new() })
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// A reply came: the sender may send one more.
+    fn answered(&self) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.waker.wake();
+    }
+}
+
+/// A replication stream's requests, held back while [`APPENDS_IN_FLIGHT_MAX`] are unanswered.
+struct Windowed<S> {
+    input: S,
+    window: Arc<Window>,
+}
+
+impl<S: Stream + Unpin> Stream for Windowed<S> {
+    type Item = S::Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        if self.window.in_flight() >= APPENDS_IN_FLIGHT_MAX {
+            self.window.waker.register(cx.waker());
+            // A reply that came between the check and the registration woke nobody: check again.
+            if self.window.in_flight() >= APPENDS_IN_FLIGHT_MAX {
+                return Poll::Pending;
+            }
+        }
+        let item = self.input.poll_next_unpin(cx);
+        if let Poll::Ready(Some(_)) = &item {
+            self.window.in_flight.fetch_add(1, Ordering::AcqRel);
+        }
+        item
+    }
+}
+
+/// Where the replies of each open replication stream of one append connection go. `None` once the
+/// connection has failed: every stream open then was failed, and no new one may open.
+struct Routes(Mutex<Option<HashMap<u64, ReplySender>>>);
+
+type ReplySender = mpsc::UnboundedSender<Result<pb::AppendReply, Status>>;
+
+impl Routes {
+    fn is_closed(&self) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).is_none()
+    }
+
+    fn open(&self, stream: u64, replies: ReplySender) -> bool {
+        match self.0.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            Some(routes) => {
+                routes.insert(stream, replies);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn close(&self, stream: u64) {
+        if let Some(routes) = self.0.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            routes.remove(&stream);
+        }
+    }
+
+    /// Hands each reply to its stream. A stream's error or end is its last frame: its route goes, so
+    /// its reply receiver ends after what it was given.
+    fn dispatch(&self, frames: Vec<pb::AppendReplyFrame>) {
+        use pb::append_reply_frame::Body;
+        let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(routes) = guard.as_mut() else { return };
+        for frame in frames {
+            match frame.body {
+                Some(Body::Reply(reply)) => {
+                    if let Some(route) = routes.get(&frame.stream) {
+                        let _ = route.send(Ok(reply));
+                    }
+                }
+                Some(Body::Error(e)) => {
+                    if let Some(route) = routes.remove(&frame.stream) {
+                        let _ = route.send(Err(status_of(e)));
+                    }
+                }
+                Some(Body::End(_)) => {
+                    routes.remove(&frame.stream);
+                }
+                None => {
+                    if let Some(route) = routes.remove(&frame.stream) {
+                        let _ = route.send(Err(Status::internal("empty append reply frame")));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The connection failed: every open stream gets `status`, and the routes close for good.
+    fn fail_all(&self, status: &Status) {
+        let routes = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        for route in routes.into_iter().flat_map(HashMap::into_values) {
+            let _ = route.send(Err(status.clone()));
+        }
+    }
+}
+
+/// One peer's append connection: one `AppendStreams` call carrying the replication streams of every
+/// group on this node with a replica there. Its task ([`run_mux`]) sends the streams' frames through a
+/// [`Multiplex`] and hands each reply to its stream; when the call fails, every open stream fails with
+/// it and the pool starts a new connection for the next stream.
+struct AppendMux {
+    /// The frames of newly opened replication streams, for the connection's multiplex.
+    opened: mpsc::UnboundedSender<BoxStream<'static, pb::AppendFrame>>,
+    routes: Arc<Routes>,
+    next_stream: AtomicU64,
+}
+
+impl AppendMux {
+    fn start(client: RaftTransportClient<Channel>, stats: Arc<BatchStats>) -> Arc<Self> {
+        let (opened, frames) = mpsc::unbounded_channel();
+        let routes = Arc::new(Routes(Mutex::new(Some(HashMap::new()))));
+        tokio::spawn(run_mux(client, Multiplex::new(frames, request_frame_bytes), routes.clone(), stats));
+        Arc::new(Self { opened, routes, next_stream: AtomicU64::new(0) })
+    }
+}
+
+/// Runs one append connection until it fails or its multiplex ends (the pool and every stream are gone).
+async fn run_mux(
+    mut client: RaftTransportClient<Channel>,
+    frames: Multiplex<pb::AppendFrame>,
+    routes: Arc<Routes>,
+    stats: Arc<BatchStats>,
+) {
+    let requests = frames.map(move |frames| {
+        stats.count(frames.len());
+        pb::AppendFrames { frames }
+    });
+    // Setting the call up waits for the peer to accept it; a peer that does not answer within the
+    // limit is treated as unreachable, and openraft backs off before its next stream.
+    let failure = match tokio::time::timeout(APPEND_SETUP_TIMEOUT, client.append_streams(requests)).await {
+        Err(_) => Status::unavailable(format!("append connection not accepted within {APPEND_SETUP_TIMEOUT:?}")),
+        Ok(Err(status)) => status,
+        Ok(Ok(response)) => {
+            let mut replies = response.into_inner();
+            loop {
+                match replies.message().await {
+                    Ok(Some(batch)) => routes.dispatch(batch.frames),
+                    Ok(None) => break Status::unavailable("the peer ended the append connection"),
+                    Err(status) => break status,
+                }
+            }
+        }
+    };
+    routes.fail_all(&failure);
+}
+
+/// The receiving half of one replication stream, as openraft sees it. Dropping it closes the stream:
+/// its route goes, and its requests end with an `end` frame so that the peer ends its side too.
+struct OpenStream {
+    replies: mpsc::UnboundedReceiver<Result<pb::AppendReply, Status>>,
+    window: Arc<Window>,
+    routes: Arc<Routes>,
+    stream: u64,
+    /// Dropped with the stream: ends its requests in the multiplex.
+    _closing: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.routes.close(self.stream);
+    }
+}
+
+impl OpenStream {
+    /// The next reply; a request unanswered for [`APPEND_RESPONSE_TIMEOUT`] fails the stream.
+    async fn next(&mut self) -> Option<Result<pb::AppendReply, Status>> {
+        // Time out only while a request waits for its reply; an idle stream may stay quiet.
+        let next = if self.window.in_flight() > 0 {
+            match tokio::time::timeout(APPEND_RESPONSE_TIMEOUT, self.replies.recv()).await {
+                Ok(next) => next,
+                Err(_) => Some(Err(Status::deadline_exceeded("append reply timed out"))),
+            }
+        } else {
+            self.replies.recv().await
+        };
+        if let Some(Ok(_)) = &next {
+            self.window.answered();
+        }
+        next
     }
 }
 
@@ -318,8 +632,10 @@ impl GroupNetworkFactory {
             group: self.group,
             self_id: self.pool.self_id,
             target,
+            addr: node.addr.clone(),
             client: self.pool.client(target, &node.addr),
             beats: if heartbeats { self.pool.beats(target, &node.addr).ok() } else { None },
+            pool: self.pool.clone(),
         }
     }
 }
@@ -329,9 +645,14 @@ pub struct GroupNetwork {
     group: GroupId,
     self_id: NodeId,
     target: NodeId,
+    /// The peer's membership address (the pool maps it to its Raft route).
+    addr: String,
+    /// For votes, snapshots and leader transfers.
     client: Result<RaftTransportClient<Channel>, String>,
     /// Set for a heartbeat client: its appends join the peer's heartbeat batches.
     beats: Option<BeatQueue>,
+    /// Its replication streams join the peer's append connection.
+    pool: Arc<PeerPool>,
 }
 
 fn timed_out(id: NodeId, target: NodeId, action: RPCTypes, ttl: Duration) -> RPCError<TypeConfig> {
@@ -460,44 +781,37 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
             return self.beat_stream(beats, input, option);
         }
         Box::pin(async move {
-            let mut client = self.client()?;
+            let mux = self
+                .pool
+                .mux(self.target, &self.addr)
+                .map_err(|e| RPCError::Unreachable(Unreachable::from_string(e)))?;
+            let stream = mux.next_stream.fetch_add(1, Ordering::Relaxed);
+            let (route, replies) = mpsc::unbounded_channel();
+            if !mux.routes.open(stream, route) {
+                return Err(RPCError::Unreachable(Unreachable::from_string("the append connection failed")));
+            }
+            let (closing, closed) = tokio::sync::oneshot::channel();
+            let window = Window::new();
             let group = self.group;
-            let in_flight = Arc::new(AtomicUsize::new(0));
-            let sent = in_flight.clone();
-            let requests = input.map(move |req| {
-                sent.fetch_add(1, Ordering::SeqCst);
-                pb_append(group, &req)
-            });
-            // Setting a stream up waits for the peer to accept it: openraft's RPC time (3/4 of a heartbeat)
-            // is too short for a loaded peer, and each stream given up on resets an HTTP/2 stream, which
-            // the peer's server counts against its reset-flood guard.
-            let ttl = option.soft_ttl().max(APPEND_SETUP_TIMEOUT);
-            let replies = tokio::time::timeout(ttl, client.stream_append(requests))
-                .await
-                .map_err(|_| self.timeout(RPCTypes::AppendEntries, ttl))?
-                .map_err(rpc_error)?
-                .into_inner();
-            let stream = futures::stream::unfold((replies, in_flight), |(mut replies, in_flight)| async move {
-                // Time out only while a request waits for its reply; an idle stream may stay quiet.
-                let next = if in_flight.load(Ordering::SeqCst) > 0 {
-                    match tokio::time::timeout(APPEND_RESPONSE_TIMEOUT, replies.message()).await {
-                        Ok(r) => r,
-                        Err(_) => Err(Status::deadline_exceeded("append reply timed out")),
-                    }
-                } else {
-                    replies.message().await
+            let requests = Windowed { input: input.map(move |req| pb_append(group, &req)), window: window.clone() };
+            let frames = requests
+                .map(move |req| pb::AppendFrame { stream, body: Some(pb::append_frame::Body::Request(req)) })
+                .take_until(closed)
+                .chain(futures::stream::once(async move {
+                    pb::AppendFrame { stream, body: Some(pb::append_frame::Body::End(true)) }
+                }));
+            let open = OpenStream { replies, window, routes: mux.routes.clone(), stream, _closing: closing };
+            if mux.opened.send(Box::pin(frames)).is_err() {
+                return Err(RPCError::Unreachable(Unreachable::from_string("the append connection failed")));
+            }
+            let replies = futures::stream::unfold(open, |mut open| async move {
+                let item = match open.next().await? {
+                    Ok(reply) => from_pb_append_reply(reply).map_err(rpc_error),
+                    Err(status) => Err(rpc_error(status)),
                 };
-                match next {
-                    Ok(Some(reply)) => {
-                        in_flight.fetch_sub(1, Ordering::SeqCst);
-                        let item = from_pb_append_reply(reply).map_err(rpc_error);
-                        Some((item, (replies, in_flight)))
-                    }
-                    Ok(None) => None,
-                    Err(status) => Some((Err(rpc_error(status)), (replies, in_flight))),
-                }
+                Some((item, open))
             });
-            Ok(until_error(stream))
+            Ok(until_error(replies))
         })
     }
 
@@ -628,20 +942,105 @@ fn fatal_status(e: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("raft group stopped: {e}"))
 }
 
-type ReplyStream = Pin<Box<dyn Stream<Item = Result<pb::AppendReply, Status>> + Send>>;
-
-fn failed(status: Status) -> ReplyStream {
-    Box::pin(futures::stream::once(async move { Err(status) }))
+/// One replication stream of an append connection, as its receiver keeps it.
+enum Inbound {
+    /// Requests go to the group's `Raft::stream_append` through `requests`; `fail` ends the stream
+    /// with an error after the replies to what it was given.
+    Open {
+        group: GroupId,
+        requests: mpsc::Sender<AppendEntriesRequest<TypeConfig>>,
+        fail: Option<tokio::sync::oneshot::Sender<Status>>,
+    },
+    /// The stream failed here; its later frames are dropped until the sender ends it.
+    Failed,
 }
 
-/// The replies to one append stream. Its first message names the group; the stream belongs to it.
-async fn append_replies<L: GroupLookup>(lookup: Arc<L>, mut incoming: Streaming<pb::AppendRequest>) -> ReplyStream {
-    let first = match incoming.message().await {
-        Ok(Some(m)) => m,
-        Ok(None) => return Box::pin(futures::stream::empty()),
-        Err(status) => return failed(status),
-    };
+fn reply_frame(stream: u64, body: pb::append_reply_frame::Body) -> pb::AppendReplyFrame {
+    pb::AppendReplyFrame { stream, body: Some(body) }
+}
+
+fn error_frame(stream: u64, status: &Status) -> pb::AppendReplyFrame {
+    reply_frame(stream, pb::append_reply_frame::Body::Error(rpc_error_of(status)))
+}
+
+/// Receives the frames of one append connection and runs each replication stream in it: a stream's
+/// first request opens it on the group it names (its replies join the connection's reply multiplex
+/// through `opened`), later requests follow in order, an `end` frame closes it. A failed stream gets
+/// one error frame and nothing else; the connection and its other streams go on. Ends with the
+/// connection's input, which ends every stream's requests (their replies still go out).
+async fn demux<L: GroupLookup>(
+    lookup: Arc<L>,
+    mut incoming: Streaming<pb::AppendFrames>,
+    opened: mpsc::UnboundedSender<BoxStream<'static, pb::AppendReplyFrame>>,
+) {
+    use pb::append_frame::Body;
+    let mut streams: HashMap<u64, Inbound> = HashMap::new();
+    while let Ok(Some(batch)) = incoming.message().await {
+        for frame in batch.frames {
+            let stream = frame.stream;
+            match frame.body {
+                Some(Body::Request(req)) => match streams.get_mut(&stream) {
+                    None => {
+                        let inbound = open_stream(&*lookup, stream, req, &opened);
+                        streams.insert(stream, inbound);
+                    }
+                    Some(Inbound::Open { group, requests, fail }) => {
+                        let parsed = if req.group_id == *group {
+                            from_pb_append(req)
+                        } else {
+                            Err(Status::invalid_argument(format!(
+                                "append stream {stream} of group {group} got a request for group {}",
+                                req.group_id
+                            )))
+                        };
+                        let refused = match parsed.map(|req| requests.try_send(req)) {
+                            Ok(Ok(())) => None,
+                            Err(status) => Some(status),
+                            Ok(Err(mpsc::error::TrySendError::Full(_))) => Some(Status::resource_exhausted(format!(
+                                "append stream {stream} of group {group} has more than {APPENDS_IN_FLIGHT_MAX} requests unanswered"
+                            ))),
+                            // The group's stream ended on its own (a conflict or a higher vote ends it);
+                            // its replies end it on the sender's side too.
+                            Ok(Err(mpsc::error::TrySendError::Closed(_))) => {
+                                Some(Status::cancelled("the stream has ended"))
+                            }
+                        };
+                        if let Some(status) = refused {
+                            if let Some(fail) = fail.take() {
+                                let _ = fail.send(status);
+                            }
+                            streams.insert(stream, Inbound::Failed);
+                        }
+                    }
+                    Some(Inbound::Failed) => {}
+                },
+                // Dropping the stream's request sender ends its input; its replies then end it.
+                Some(Body::End(_)) => {
+                    streams.remove(&stream);
+                }
+                None => {
+                    if let Some(Inbound::Open { fail: Some(fail), .. }) = streams.remove(&stream) {
+                        let _ = fail.send(Status::invalid_argument("empty append frame"));
+                    }
+                    streams.insert(stream, Inbound::Failed);
+                }
+            }
+        }
+    }
+}
+
+/// Opens replication stream `stream` on the group its first request names.
+fn open_stream<L: GroupLookup>(
+    lookup: &L,
+    stream: u64,
+    first: pb::AppendRequest,
+    opened: &mpsc::UnboundedSender<BoxStream<'static, pb::AppendReplyFrame>>,
+) -> Inbound {
     let group = first.group_id;
+    let failed = |status: Status| {
+        let _ = opened.send(Box::pin(futures::stream::once(async move { error_frame(stream, &status) })));
+        Inbound::Failed
+    };
     let Some(raft) = lookup.raft(group) else {
         return failed(Status::not_found(format!("group {group} is not hosted here")));
     };
@@ -649,38 +1048,27 @@ async fn append_replies<L: GroupLookup>(lookup: Arc<L>, mut incoming: Streaming<
         Ok(req) => req,
         Err(status) => return failed(status),
     };
-    // A malformed later message ends the input; its error follows the replies to the requests before it.
-    let (err_tx, err_rx) = tokio::sync::oneshot::channel::<Status>();
-    let mut err_tx = Some(err_tx);
-    let rest = incoming
-        .map(move |m| {
-            let parsed = m.and_then(|m| {
-                if m.group_id == group {
-                    from_pb_append(m)
-                } else {
-                    Err(Status::invalid_argument(format!("append stream of group {group} got group {}", m.group_id)))
-                }
-            });
-            match parsed {
-                Ok(req) => Some(req),
-                Err(status) => {
-                    if let Some(tx) = err_tx.take() {
-                        let _ = tx.send(status);
-                    }
-                    None
-                }
+    let (requests, input) = mpsc::channel(APPENDS_IN_FLIGHT_MAX);
+    if requests.try_send(first).is_err() {
+        return failed(Status::internal("a new append stream refused its first request"));
+    }
+    let (fail, failure) = tokio::sync::oneshot::channel::<Status>();
+    let input = tokio_stream::wrappers::ReceiverStream::new(input);
+    use pb::append_reply_frame::Body;
+    let replies = Box::pin(raft.stream_append(input))
+        .map(move |r| match r {
+            Ok(result) => reply_frame(stream, Body::Reply(pb_append_reply(result))),
+            Err(fatal) => error_frame(stream, &fatal_status(fatal)),
+        })
+        // After the replies: the stream's error if it failed here, else its end.
+        .chain(futures::stream::once(async move {
+            match failure.await {
+                Ok(status) => error_frame(stream, &status),
+                Err(_) => reply_frame(stream, Body::End(true)),
             }
-        })
-        .take_while(|m| futures::future::ready(m.is_some()))
-        .filter_map(futures::future::ready);
-    let requests = futures::stream::iter([first]).chain(rest);
-    let replies = Box::pin(raft.stream_append(requests))
-        .map(|r| match r {
-            Ok(result) => Ok(pb_append_reply(result)),
-            Err(fatal) => Err(fatal_status(fatal)),
-        })
-        .chain(futures::stream::once(async move { err_rx.await.ok() }).filter_map(|e| async move { e.map(Err) }));
-    Box::pin(replies)
+        }));
+    let _ = opened.send(Box::pin(replies));
+    Inbound::Open { group, requests, fail: Some(fail) }
 }
 
 #[tonic::async_trait]
@@ -694,16 +1082,17 @@ impl<L: GroupLookup> RaftTransport for RaftTransportService<L> {
         Ok(TonicResponse::new(pb::HeartbeatReplies { outcomes }))
     }
 
-    type StreamAppendStream = ReplyStream;
+    type AppendStreamsStream = BoxStream<'static, Result<pb::AppendReplyFrames, Status>>;
 
-    async fn stream_append(
+    /// One peer's append connection. Answered with headers at once: the sender pushes its first frame
+    /// only once the call is set up, so waiting for it here would deadlock until the sender's timeout.
+    async fn append_streams(
         &self,
-        request: Request<Streaming<pb::AppendRequest>>,
-    ) -> Result<TonicResponse<Self::StreamAppendStream>, Status> {
-        // Answer with headers at once: the sender may push its first request only after the stream is
-        // set up, so waiting for it here would deadlock until the sender's timeout.
-        let lookup = self.lookup.clone();
-        let replies = futures::stream::once(append_replies(lookup, request.into_inner())).flatten();
+        request: Request<Streaming<pb::AppendFrames>>,
+    ) -> Result<TonicResponse<Self::AppendStreamsStream>, Status> {
+        let (opened, replies) = mpsc::unbounded_channel();
+        tokio::spawn(demux(self.lookup.clone(), request.into_inner(), opened));
+        let replies = Multiplex::new(replies, reply_frame_bytes).map(|frames| Ok(pb::AppendReplyFrames { frames }));
         Ok(TonicResponse::new(Box::pin(replies)))
     }
 
@@ -811,7 +1200,7 @@ mod tests {
         let (reply, gave_up) = tokio::sync::oneshot::channel();
         queue.send(Beat { request: heartbeat(10), reply }).expect("queue");
         drop(gave_up);
-        let stats = Arc::new(BeatStats::default());
+        let stats = Arc::new(BatchStats::default());
         let sender = tokio::spawn(send_beats(client, rx, stats.clone()));
         for (group, outcome) in outcomes {
             let status = outcome.await.expect("an outcome").expect_err("no group is hosted");
@@ -836,6 +1225,109 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
         // The same queue serves the next call.
         assert!(pool.beats(2, &addr.to_string()).expect("queue").same_channel(&queue));
+    }
+
+    fn frame(stream: u64, bytes: usize) -> pb::AppendFrame {
+        let mut req = heartbeat(7);
+        req.entries = vec![Bytes::from(vec![0u8; bytes])];
+        pb::AppendFrame { stream, body: Some(pb::append_frame::Body::Request(req)) }
+    }
+
+    fn streams_of(batch: &[pb::AppendFrame]) -> Vec<u64> {
+        batch.iter().map(|f| f.stream).collect()
+    }
+
+    #[tokio::test]
+    async fn a_multiplex_sends_what_is_ready_as_one_batch_keeping_each_streams_order() {
+        let (opened, rx) = mpsc::unbounded_channel::<BoxStream<'static, pb::AppendFrame>>();
+        let mut mux = Multiplex::new(rx, request_frame_bytes);
+        opened.send(Box::pin(futures::stream::iter([frame(1, 10), frame(1, 20)]))).expect("open");
+        opened.send(Box::pin(futures::stream::iter([frame(2, 30)]))).expect("open");
+        let batch = mux.next().await.expect("a batch");
+        let mut ones = batch.iter().filter(|f| f.stream == 1).map(request_frame_bytes);
+        assert_eq!((ones.next(), ones.next()), (Some(10), Some(20)), "stream 1 in its order");
+        assert_eq!(streams_of(&batch).len(), 3, "everything ready went in one batch");
+        // Both streams ended; the multiplex waits for more until its opener is gone.
+        assert!(futures::poll!(mux.next()).is_pending());
+        drop(opened);
+        assert!(mux.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_multiplex_batch_stops_once_it_holds_its_byte_limit() {
+        let (opened, rx) = mpsc::unbounded_channel::<BoxStream<'static, pb::AppendFrame>>();
+        let mut mux = Multiplex::new(rx, request_frame_bytes);
+        let half = FRAMES_BYTES_MAX / 2;
+        opened.send(Box::pin(futures::stream::iter([frame(1, half), frame(1, half), frame(1, half)]))).expect("open");
+        drop(opened);
+        assert_eq!(mux.next().await.expect("a batch").len(), 2);
+        assert_eq!(mux.next().await.expect("a batch").len(), 1);
+        assert!(mux.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_replication_stream_is_held_back_while_its_window_is_full() {
+        let window = Window::new();
+        let mut requests =
+            Windowed { input: futures::stream::iter(0..APPENDS_IN_FLIGHT_MAX + 10), window: window.clone() };
+        for expected in 0..APPENDS_IN_FLIGHT_MAX {
+            assert_eq!(requests.next().await, Some(expected));
+        }
+        assert!(futures::poll!(requests.next()).is_pending(), "the window is full");
+        window.answered();
+        assert_eq!(requests.next().await, Some(APPENDS_IN_FLIGHT_MAX), "a reply lets one more out");
+        assert!(futures::poll!(requests.next()).is_pending());
+    }
+
+    fn append_request() -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest { vote: Vote::new(1, 1), prev_log_id: None, entries: Vec::new(), leader_commit: None }
+    }
+
+    /// Opens a replication stream of `group` to node 2 at `addr` and returns its first reply.
+    async fn first_reply(
+        pool: &Arc<PeerPool>,
+        group: GroupId,
+        addr: &str,
+    ) -> Option<Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>> {
+        let mut network = GroupNetworkFactory::new(group, pool.clone()).network(2, &BasicNode::new(addr), false);
+        let input = futures::stream::iter([append_request()]);
+        let mut replies = network.stream_append(input, RPCOption::new(Duration::from_secs(1))).await.ok()?;
+        replies.next().await
+    }
+
+    #[tokio::test]
+    async fn replication_streams_of_unknown_groups_fail_alone_and_share_one_connection() {
+        let addr = serve_no_groups().await;
+        let pool = PeerPool::new(1, HashMap::new());
+        for group in [7, 8, 9] {
+            match first_reply(&pool, group, &addr).await {
+                Some(Err(RPCError::Unreachable(e))) => {
+                    assert!(e.to_string().contains(&format!("group {group} ")), "{e}")
+                }
+                other => panic!("group {group}: expected an unreachable group, got {other:?}"),
+            }
+        }
+        let muxes = pool.muxes.lock().expect("muxes");
+        assert_eq!(muxes.len(), 1, "one connection to the peer");
+        assert!(muxes.values().all(|m| !m.routes.is_closed()), "the connection outlives its failed streams");
+        let (messages, frames) = pool.append_stats().snapshot();
+        assert!(messages >= 1 && frames >= 3, "three requests went out: {messages} messages, {frames} frames");
+    }
+
+    #[tokio::test]
+    async fn a_replication_stream_to_an_unreachable_peer_fails_and_the_next_one_reconnects() {
+        // Nothing listens here once the listener is dropped.
+        let addr = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr");
+        let addr = addr.to_string();
+        let pool = PeerPool::new(1, HashMap::new());
+        match first_reply(&pool, 7, &addr).await {
+            Some(Err(RPCError::Unreachable(_))) => {}
+            other => panic!("expected an unreachable peer, got {other:?}"),
+        }
+        let failed = pool.muxes.lock().expect("muxes").values().next().cloned().expect("a connection");
+        assert!(failed.routes.is_closed(), "the failed connection is closed");
+        let next = pool.mux(2, &addr).expect("mux");
+        assert!(!Arc::ptr_eq(&failed, &next), "the next stream gets a new connection");
     }
 
     #[test]
