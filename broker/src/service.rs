@@ -92,7 +92,7 @@ impl FlotillaService {
             .max_encoding_message_size(64 << 20)
     }
 
-    fn topic(&self, name: &str) -> Result<TopicRecord, BrokerError> {
+    fn topic(&self, name: &str) -> Result<Arc<TopicRecord>, BrokerError> {
         self.broker
             .topic(name)
             .ok_or_else(|| BrokerError::new(ErrorCode::UnknownTopic, format!("unknown topic {name:?}")))
