@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every shape of BENCH.md (B1-B8, B6 at 5k and 20k msgs/s, B7 on 3 partitions, the batching producer and B10) RUNS times (default 3) on a fresh local
+# Runs every shape of BENCH.md (B1-B8, B6 at 5k and 20k msgs/s, B7 on 3 partitions, B7 and B2 with batching producers, and B10) RUNS times (default 3) on a fresh local
 # 3-node cluster of release brokers, and writes the ranges to docs/BENCHMARKS.md.
 #   deploy/bench-all.sh              # about 10 minutes
 #   RUNS=1 SHAPES="B1 B2" deploy/bench-all.sh
@@ -21,7 +21,7 @@ done
 [ -n "$ready" ] || { echo "the cluster did not come up; see $data" >&2; cat "$data/dev.out" >&2; exit 1; }
 
 rows=()
-for id in ${SHAPES:-B1 B2 B3 B4 B5 B6-5k B6 B6-20k B7-3 B7 B2-batch B8 B10}; do
+for id in ${SHAPES:-B1 B2 B3 B4 B5 B6-5k B6 B6-20k B7-3 B7 B7-batch B2-batch B8 B10}; do
   echo "== $id" >&2
   out=$("$bin/flotilla" bench scenario "$id" --runs "${RUNS:-3}" --dev-data-dir "$data")
   echo "$out" >&2

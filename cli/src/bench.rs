@@ -698,6 +698,18 @@ pub fn scenario(
             "3 partitions, 4 producers x 64 in flight, leaders on every node",
             produce(ProduceBench { partitions: 3, producers: 4, in_flight: 64, ..base }),
         ),
+        // B7 as OMB runs it: its Kafka driver's producers batch (linger 1 ms), each batch to one partition.
+        "B7-BATCH" => (
+            "16 partitions, 4 batching producers: 64 KiB batches, linger 1 ms, 8 in flight each",
+            produce(ProduceBench {
+                partitions: 16,
+                producers: 4,
+                records_per_request: 64,
+                linger: Some(Duration::from_millis(1)),
+                in_flight: 8,
+                ..base
+            }),
+        ),
         "B2-BATCH" => (
             "1 partition, batching producer: 64 KiB batches, linger 1 ms, 8 in flight",
             produce(ProduceBench {
@@ -732,7 +744,7 @@ pub fn scenario(
             Scenario::Failover,
         ),
         other => anyhow::bail!(
-            "unknown scenario {other:?}; known: B1-B8, B2-batch, B6-5k, B6-20k, B7-3, B10 (B9 needs consumer groups)"
+            "unknown scenario {other:?}; known: B1-B8, B2-batch, B6-5k, B6-20k, B7-3, B7-batch, B10 (B9 needs consumer groups)"
         ),
     })
 }
@@ -786,7 +798,9 @@ mod tests {
     #[test]
     fn every_shape_bench_all_runs_is_known_and_b9_says_why_not() {
         let d = Duration::from_secs(1);
-        for id in ["B1", "B2", "B3", "B4", "B5", "B6-5k", "B6", "B6-20k", "B7-3", "B7", "B2-batch", "B8", "B10"] {
+        for id in
+            ["B1", "B2", "B3", "B4", "B5", "B6-5k", "B6", "B6-20k", "B7-3", "B7", "B7-batch", "B2-batch", "B8", "B10"]
+        {
             assert!(scenario(id, "t", d, d).is_ok(), "{id}");
         }
         let rate = |id| match scenario(id, "t", d, d) {
