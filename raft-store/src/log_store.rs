@@ -33,6 +33,10 @@ use crate::wal::{SyncJob, WalSyncer};
 const TAIL_CACHE_ENTRIES_MAX: usize = 1024;
 /// Payload bytes kept decoded per group at most, however large the node's budget.
 const TAIL_CACHE_BYTES_MAX: usize = 2 << 20;
+/// Payload bytes one AppendEntries carries at most, plus the entry that crosses the limit. The broker's
+/// entries are at most a 16 MiB record batch past its 1 MiB proposal limit, so a request stays well
+/// under the transport's 64 MiB message limit.
+pub const APPEND_BYTES_MAX: usize = 8 << 20;
 
 /// The node-wide budget of decoded tail-cache bytes, shared fairly by the node's groups: each group keeps
 /// at most `cap / groups` (and at most [`TAIL_CACHE_BYTES_MAX`]). A group above its share, because groups
@@ -287,6 +291,12 @@ impl LogShared {
     /// Entries with index in `[start, end)` that are present, in order. A hole between present entries
     /// is corruption.
     pub fn entries(&self, start: u64, end: u64) -> io::Result<Vec<Entry>> {
+        self.entries_limited(start, end, usize::MAX)
+    }
+
+    /// The entries of `[start, end)` from the first, stopping after the one that brings their payloads to
+    /// `bytes_max` or more: never empty when the range is not, however large its first entry.
+    pub fn entries_limited(&self, start: u64, end: u64, bytes_max: usize) -> io::Result<Vec<Entry>> {
         self.check()?;
         if start >= end {
             return Ok(Vec::new());
@@ -297,22 +307,34 @@ impl LogShared {
             let cached: Vec<Entry> = inner.cache.range(start..end).map(|(_, e)| e.clone()).collect();
             (cached, inner.cache.keys().next().copied().unwrap_or(u64::MAX))
         };
-        let mut out = self.entries_from_disk(start, end.min(cache_start))?;
+        let (mut out, mut bytes) = self.entries_from_disk(start, end.min(cache_start), bytes_max)?;
+        if bytes >= bytes_max {
+            return Ok(out);
+        }
         if let (Some(last), Some(first_cached)) = (out.last(), cached.first())
             && last.log_id.index + 1 != first_cached.log_id.index
         {
             // The cache moved (eviction or truncation) between the two reads; every cached entry is
             // also in the engine, so read the whole range from there.
-            return self.entries_from_disk(start, end);
+            return Ok(self.entries_from_disk(start, end, bytes_max)?.0);
         }
-        out.extend(cached);
+        for e in cached {
+            if bytes >= bytes_max {
+                break;
+            }
+            bytes += payload_len(&e);
+            out.push(e);
+        }
         Ok(out)
     }
 
-    fn entries_from_disk(&self, start: u64, end: u64) -> io::Result<Vec<Entry>> {
+    /// The stored entries of `[start, end)` from the first, up to the one that brings their payloads to
+    /// `bytes_max` or more, and their payload bytes.
+    fn entries_from_disk(&self, start: u64, end: u64, bytes_max: usize) -> io::Result<(Vec<Entry>, usize)> {
         let mut out: Vec<Entry> = Vec::new();
+        let mut bytes = 0;
         if start >= end {
-            return Ok(out);
+            return Ok((out, bytes));
         }
         let mut failure = None;
         self.engine.scan(
@@ -327,8 +349,9 @@ impl LogShared {
                 }
                 match decode_stored(self.group, index, &bytes::Bytes::copy_from_slice(value)) {
                     Ok(e) => {
+                        bytes += payload_len(&e);
                         out.push(e);
-                        true
+                        bytes < bytes_max
                     }
                     Err(why) => {
                         failure = Some(why);
@@ -339,7 +362,7 @@ impl LogShared {
         )?;
         match failure {
             Some(why) => Err(self.fail(why)),
-            None => Ok(out),
+            None => Ok((out, bytes)),
         }
     }
 
@@ -379,6 +402,13 @@ impl RaftLogReader<TypeConfig> for LogStore {
     ) -> Result<Vec<Entry>, io::Error> {
         let (start, end) = range_bounds(&range);
         self.shared.entries(start, end)
+    }
+
+    /// What replication sends in one AppendEntries: at most [`APPEND_BYTES_MAX`] of payload (and at
+    /// least one entry), so that a follower catching up on large record batches gets messages the
+    /// transport can carry, and the leader does not hold thousands of them in memory at once.
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, io::Error> {
+        self.shared.entries_limited(start, end, APPEND_BYTES_MAX)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {

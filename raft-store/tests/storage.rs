@@ -249,3 +249,40 @@ async fn groups_share_the_tail_cache_budget_and_entries_past_it_are_read_from_th
     drop(logs.pop());
     assert!(budget.used() < before, "{} after dropping a group, {before} before", budget.used());
 }
+
+#[tokio::test]
+async fn replication_reads_stop_at_their_byte_limit_from_the_engine_and_from_the_cache() {
+    let engine: Arc<dyn Engine> = Arc::new(MemEngine::new());
+    let syncer = WalSyncer::start(engine.clone());
+    let value = Bytes::from(vec![7u8; 1000]);
+    let entry = |i: u64| Entry::new_normal(log_id(1, i), Command(value.clone()));
+    // A 64 KB cache: the newest ~64 entries come from it, the older ones from the engine.
+    let mut log = LogStore::open(1, engine.clone(), syncer.clone(), TailBudget::new(64 << 10), CommittedSync::Durable)
+        .expect("log");
+    log.blocking_append((1..=200).map(entry)).await.expect("append");
+    let indexes = |entries: Vec<Entry>| entries.iter().map(|e| e.log_id.index).collect::<Vec<_>>();
+    let shared = log.shared().clone();
+    // From the engine: the entry that reaches the limit is the last one.
+    assert_eq!(indexes(shared.entries_limited(1, 201, 10_000).expect("read")), (1..=10).collect::<Vec<_>>());
+    assert_eq!(indexes(shared.entries_limited(1, 201, 9_500).expect("read")), (1..=10).collect::<Vec<_>>());
+    // From the cache.
+    assert_eq!(indexes(shared.entries_limited(190, 201, 5_000).expect("read")), (190..=194).collect::<Vec<_>>());
+    // Across both.
+    assert_eq!(indexes(shared.entries_limited(100, 201, usize::MAX).expect("read")), (100..=200).collect::<Vec<_>>());
+    // Never empty, however small the limit.
+    assert_eq!(indexes(shared.entries_limited(5, 201, 1).expect("read")), vec![5]);
+    // Replication's reads: everything while it is small.
+    assert_eq!(log.limited_get_log_entries(1, 201).await.expect("read"), (1..=200).map(entry).collect::<Vec<_>>());
+
+    // Large entries: one AppendEntries carries about APPEND_BYTES_MAX, and a single entry larger than
+    // that goes alone.
+    let mut big = LogStore::open(2, engine, syncer, TailBudget::new(64 << 10), CommittedSync::Durable).expect("log");
+    let sized = |i: u64, bytes: usize| Entry::new_normal(log_id(1, i), Command(Bytes::from(vec![1u8; bytes])));
+    let limit = flotilla_raft_store::log_store::APPEND_BYTES_MAX;
+    big.blocking_append([sized(1, limit + 1), sized(2, 10), sized(3, limit / 2), sized(4, limit / 2), sized(5, 10)])
+        .await
+        .expect("append");
+    assert_eq!(indexes(big.limited_get_log_entries(1, 6).await.expect("read")), vec![1]);
+    assert_eq!(indexes(big.limited_get_log_entries(2, 6).await.expect("read")), vec![2, 3, 4]);
+    assert_eq!(indexes(big.limited_get_log_entries(5, 6).await.expect("read")), vec![5]);
+}
