@@ -417,9 +417,10 @@ impl Window {
         self.in_flight.load(Ordering::Acquire)
     }
 
-    /// A reply came: the sender may send one more.
+    /// A reply came: the sender may send one more. (A peer that answers more than it was sent cannot
+    /// wrap the count.)
     fn answered(&self) {
-        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        let _ = self.in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
         self.waker.wake();
     }
 }
@@ -583,16 +584,20 @@ impl Drop for OpenStream {
 }
 
 impl OpenStream {
-    /// The next reply; a request unanswered for [`APPEND_RESPONSE_TIMEOUT`] fails the stream.
+    /// The next reply. A stream with requests out that gets no reply for a whole
+    /// [`APPEND_RESPONSE_TIMEOUT`] fails: a request unanswered for one to two timeouts (one, if it was
+    /// out when the wait began). An idle stream may stay quiet.
     async fn next(&mut self) -> Option<Result<pb::AppendReply, Status>> {
-        // Time out only while a request waits for its reply; an idle stream may stay quiet.
-        let next = if self.window.in_flight() > 0 {
+        let mut waiting = self.window.in_flight() > 0;
+        let next = loop {
             match tokio::time::timeout(APPEND_RESPONSE_TIMEOUT, self.replies.recv()).await {
-                Ok(next) => next,
-                Err(_) => Some(Err(Status::deadline_exceeded("append reply timed out"))),
+                Ok(next) => break next,
+                Err(_) if waiting && self.window.in_flight() > 0 => {
+                    break Some(Err(Status::deadline_exceeded("append reply timed out")));
+                }
+                // Requests that went out during this wait get a whole timeout of their own.
+                Err(_) => waiting = self.window.in_flight() > 0,
             }
-        } else {
-            self.replies.recv().await
         };
         if let Some(Ok(_)) = &next {
             self.window.answered();
@@ -1014,9 +1019,15 @@ async fn demux<L: GroupLookup>(
                     }
                     Some(Inbound::Failed) => {}
                 },
-                // Dropping the stream's request sender ends its input; its replies then end it.
+                // Dropping the stream's request sender ends its input; its replies then end it. A stream
+                // that ended before its first request (openraft ends one when a newer replication job
+                // replaces it) opened nothing here: it gets its end at once, or its sender would wait for
+                // replies forever.
                 Some(Body::End(_)) => {
-                    streams.remove(&stream);
+                    if streams.remove(&stream).is_none() {
+                        let end = reply_frame(stream, pb::append_reply_frame::Body::End(true));
+                        let _ = opened.send(Box::pin(futures::stream::once(async move { end })));
+                    }
                 }
                 None => {
                     if let Some(Inbound::Open { fail: Some(fail), .. }) = streams.remove(&stream) {
@@ -1277,6 +1288,51 @@ mod tests {
         window.answered();
         assert_eq!(requests.next().await, Some(APPENDS_IN_FLIGHT_MAX), "a reply lets one more out");
         assert!(futures::poll!(requests.next()).is_pending());
+        // A peer answering more than it was sent cannot wrap the count and close the window.
+        for _ in 0..APPENDS_IN_FLIGHT_MAX + 5 {
+            window.answered();
+        }
+        assert_eq!(window.in_flight(), 0);
+        assert_eq!(requests.next().await, Some(APPENDS_IN_FLIGHT_MAX + 1));
+    }
+
+    /// A replication stream's receiving half, with the sender that feeds it replies.
+    fn open_stream_for_test() -> (OpenStream, Arc<Window>, ReplySender) {
+        let (route, replies) = mpsc::unbounded_channel();
+        let routes = Arc::new(Routes(Mutex::new(Some(HashMap::new()))));
+        assert!(routes.open(1, route.clone()));
+        let window = Window::new();
+        let (closing, _) = tokio::sync::oneshot::channel();
+        (OpenStream { replies, window: window.clone(), routes, stream: 1, _closing: closing }, window, route)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_sent_while_its_stream_waited_idle_still_times_out() {
+        let (mut open, window, _route) = open_stream_for_test();
+        // Idle: no request out, no timeout, however long it waits.
+        let idle = tokio::time::timeout(APPEND_RESPONSE_TIMEOUT * 10, open.next()).await;
+        assert!(idle.is_err(), "an idle stream stays open: {idle:?}");
+        // The wait begins idle, then a request goes out and is never answered.
+        let next = open.next();
+        tokio::pin!(next);
+        assert!(futures::poll!(&mut next).is_pending());
+        window.in_flight.fetch_add(1, Ordering::AcqRel);
+        let started = tokio::time::Instant::now();
+        match tokio::time::timeout(APPEND_RESPONSE_TIMEOUT * 10, next).await {
+            Ok(Some(Err(status))) => assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}"),
+            other => panic!("expected the unanswered request to time out, got {other:?}"),
+        }
+        assert!(started.elapsed() <= APPEND_RESPONSE_TIMEOUT * 2, "{:?}", started.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reply_in_time_is_handed_over_and_counted() {
+        let (mut open, window, route) = open_stream_for_test();
+        window.in_flight.fetch_add(1, Ordering::AcqRel);
+        let reply = pb::AppendReply { result: Some(pb::append_reply::Result::MatchedEmpty(true)) };
+        route.send(Ok(reply)).expect("send");
+        assert_eq!(open.next().await.expect("a reply").expect("ok"), reply);
+        assert_eq!(window.in_flight(), 0);
     }
 
     fn append_request() -> AppendEntriesRequest<TypeConfig> {
@@ -1312,6 +1368,25 @@ mod tests {
         assert!(muxes.values().all(|m| !m.routes.is_closed()), "the connection outlives its failed streams");
         let (messages, frames) = pool.append_stats().snapshot();
         assert!(messages >= 1 && frames >= 3, "three requests went out: {messages} messages, {frames} frames");
+    }
+
+    #[tokio::test]
+    async fn a_replication_stream_that_ends_before_its_first_request_ends_its_replies_too() {
+        let addr = serve_no_groups().await;
+        let pool = PeerPool::new(1, HashMap::new());
+        let mut network = GroupNetworkFactory::new(7, pool.clone()).network(2, &BasicNode::new(&addr), false);
+        // openraft ends a stream without a request when a newer replication job replaces it, and then
+        // waits for the stream's replies to end before it starts the next one.
+        let input = futures::stream::empty::<AppendEntriesRequest<TypeConfig>>();
+        let mut replies = network.stream_append(input, RPCOption::new(Duration::from_secs(1))).await.expect("stream");
+        let end = tokio::time::timeout(Duration::from_secs(30), replies.next()).await;
+        assert!(matches!(end, Ok(None)), "the replies end: {end:?}");
+        // The connection serves the next stream.
+        match first_reply(&pool, 8, &addr).await {
+            Some(Err(RPCError::Unreachable(e))) => assert!(e.to_string().contains("group 8 "), "{e}"),
+            other => panic!("expected an unreachable group, got {other:?}"),
+        }
+        assert_eq!(pool.muxes.lock().expect("muxes").len(), 1, "one connection to the peer");
     }
 
     #[tokio::test]
