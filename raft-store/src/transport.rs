@@ -343,7 +343,7 @@ fn status_of(e: pb::RpcError) -> Status {
 /// it runs; a stream that ends leaves. The multiplex ends once `opened` is closed and every stream
 /// has ended. Both ends of an append connection send through one: the requests of the replication
 /// streams, and the replies to them.
-pub struct Multiplex<T> {
+struct Multiplex<T> {
     opened: mpsc::UnboundedReceiver<BoxStream<'static, T>>,
     open: SelectAll<BoxStream<'static, T>>,
     closed: bool,
@@ -1025,19 +1025,29 @@ async fn demux<L: GroupLookup>(
                 // replies forever.
                 Some(Body::End(_)) => {
                     if streams.remove(&stream).is_none() {
-                        let end = reply_frame(stream, pb::append_reply_frame::Body::End(true));
-                        let _ = opened.send(Box::pin(futures::stream::once(async move { end })));
+                        send_last(&opened, reply_frame(stream, pb::append_reply_frame::Body::End(true)));
                     }
                 }
+                // Malformed: the stream fails, whether open here or not yet.
                 None => {
-                    if let Some(Inbound::Open { fail: Some(fail), .. }) = streams.remove(&stream) {
-                        let _ = fail.send(Status::invalid_argument("empty append frame"));
+                    let status = Status::invalid_argument("empty append frame");
+                    match streams.remove(&stream) {
+                        Some(Inbound::Open { fail: Some(fail), .. }) => {
+                            let _ = fail.send(status);
+                        }
+                        Some(_) => {}
+                        None => send_last(&opened, error_frame(stream, &status)),
                     }
                     streams.insert(stream, Inbound::Failed);
                 }
             }
         }
     }
+}
+
+/// Sends a stream's last frame (its error or end) when nothing else of it is left to send.
+fn send_last(opened: &mpsc::UnboundedSender<BoxStream<'static, pb::AppendReplyFrame>>, frame: pb::AppendReplyFrame) {
+    let _ = opened.send(Box::pin(futures::stream::iter([frame])));
 }
 
 /// Opens replication stream `stream` on the group its first request names.
@@ -1049,7 +1059,7 @@ fn open_stream<L: GroupLookup>(
 ) -> Inbound {
     let group = first.group_id;
     let failed = |status: Status| {
-        let _ = opened.send(Box::pin(futures::stream::once(async move { error_frame(stream, &status) })));
+        send_last(opened, error_frame(stream, &status));
         Inbound::Failed
     };
     let Some(raft) = lookup.raft(group) else {
@@ -1387,6 +1397,28 @@ mod tests {
             other => panic!("expected an unreachable group, got {other:?}"),
         }
         assert_eq!(pool.muxes.lock().expect("muxes").len(), 1, "one connection to the peer");
+    }
+
+    #[tokio::test]
+    async fn an_empty_frame_fails_its_stream_even_before_the_stream_opened() {
+        let addr = serve_no_groups().await;
+        let pool = PeerPool::new(1, HashMap::new());
+        let mut client = pool.client(2, &addr).expect("client");
+        let frames =
+            futures::stream::iter([pb::AppendFrames { frames: vec![pb::AppendFrame { stream: 5, body: None }] }])
+                .chain(futures::stream::pending());
+        let mut replies = client.append_streams(frames).await.expect("call").into_inner();
+        let batch = tokio::time::timeout(Duration::from_secs(30), replies.message())
+            .await
+            .expect("an answer, not a wait")
+            .expect("a message")
+            .expect("not the end");
+        match batch.frames.as_slice() {
+            [pb::AppendReplyFrame { stream: 5, body: Some(pb::append_reply_frame::Body::Error(e)) }] => {
+                assert_eq!(status_of(e.clone()).code(), tonic::Code::InvalidArgument, "{e:?}")
+            }
+            other => panic!("expected stream 5's error, got {other:?}"),
+        }
     }
 
     #[tokio::test]
