@@ -10,7 +10,7 @@
 //! deleted topics, freeing their storage. It runs whenever the controller's replica here applies a change,
 //! and every few seconds in case an earlier attempt failed.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -251,10 +251,8 @@ impl Broker {
         let mut desired: BTreeMap<GroupId, Vec<NodeId>> = BTreeMap::new();
         let topics = self.topics();
         // Deleted topics leave the cache (a lookup of a missing topic removes it too).
-        self.topic_cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|name, _| topics.iter().any(|t| &t.name == name));
+        let names: HashSet<&str> = topics.iter().map(|t| t.name.as_str()).collect();
+        self.topic_cache.lock().unwrap_or_else(|p| p.into_inner()).retain(|name, _| names.contains(name.as_str()));
         for topic in topics {
             for p in topic.partitions {
                 if p.replicas.contains(&me) {
