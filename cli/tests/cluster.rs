@@ -700,6 +700,7 @@ async fn every_broker_serves_prometheus_metrics() {
     let somewhere = |name: &str| scrapes.values().any(|s| s.iter().any(|(series, _)| series.starts_with(name)));
     for name in [
         "flotilla_storage_fsyncs_total",
+        "flotilla_storage_fsync_latency_seconds_bucket",
         "flotilla_raft_term",
         "flotilla_partition_leaderships",
         "flotilla_raft_heartbeats_total",

@@ -140,7 +140,11 @@ impl WalSyncer {
 /// Upper bound on jobs completed by one fsync, so one sync never holds callbacks for long.
 const JOBS_PER_SYNC_MAX: usize = 8192;
 
+/// The histogram of every fsync's latency, in seconds (Prometheus `flotilla_storage_fsync_latency_seconds`).
+pub const FSYNC_LATENCY_HISTOGRAM: &str = "flotilla_storage_fsync_latency_seconds";
+
 fn run(engine: Arc<dyn Engine>, rx: Receiver<SyncJob>, stats: Arc<SyncStats>) {
+    let latency = metrics::histogram!(FSYNC_LATENCY_HISTOGRAM);
     let mut poisoned: Option<String> = None;
     let mut jobs: Vec<SyncJob> = Vec::new();
     while let Ok(first) = rx.recv() {
@@ -156,7 +160,9 @@ fn run(engine: Arc<dyn Engine>, rx: Receiver<SyncJob>, stats: Arc<SyncStats>) {
             None => {
                 let started = Instant::now();
                 let r = engine.sync_wal();
-                let nanos = started.elapsed().as_nanos() as u64;
+                let took = started.elapsed();
+                latency.record(took.as_secs_f64());
+                let nanos = took.as_nanos() as u64;
                 stats.sync_nanos_total.fetch_add(nanos, Ordering::Relaxed);
                 stats.sync_nanos_max.fetch_max(nanos, Ordering::Relaxed);
                 r.map_err(|e| {
