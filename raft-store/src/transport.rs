@@ -660,6 +660,11 @@ pub struct GroupNetwork {
     pool: Arc<PeerPool>,
 }
 
+/// The first pause before asking a peer that does not host the group (yet) for its vote again; it
+/// doubles up to [`VOTE_RETRY_PAUSE_MAX`].
+const VOTE_RETRY_PAUSE_FIRST: Duration = Duration::from_millis(5);
+const VOTE_RETRY_PAUSE_MAX: Duration = Duration::from_millis(100);
+
 fn timed_out(id: NodeId, target: NodeId, action: RPCTypes, ttl: Duration) -> RPCError<TypeConfig> {
     RPCError::Timeout(Timeout { action, id, target, timeout: ttl })
 }
@@ -697,11 +702,23 @@ impl GroupNetwork {
             pre_vote,
         };
         let ttl = option.soft_ttl();
-        let reply = tokio::time::timeout(ttl, client.vote(req))
-            .await
-            .map_err(|_| self.timeout(RPCTypes::Vote, ttl))?
-            .map_err(rpc_error)?
-            .into_inner();
+        let deadline = tokio::time::Instant::now() + ttl;
+        let mut pause = VOTE_RETRY_PAUSE_FIRST;
+        let reply = loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(left, client.vote(req)).await {
+                Err(_) => return Err(self.timeout(RPCTypes::Vote, ttl)),
+                // A peer creates a new group's replica when it applies the topic's creation, which may
+                // be just after the bootstrapping node campaigned: ask again while the election lasts,
+                // instead of failing the vote and leaving the new group leaderless for a whole election
+                // timeout. (NotFound means the peer never looked at the request, so asking again is safe.)
+                Ok(Err(status)) if status.code() == tonic::Code::NotFound && left > pause => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(VOTE_RETRY_PAUSE_MAX);
+                }
+                Ok(reply) => break reply.map_err(rpc_error)?.into_inner(),
+            }
+        };
         let vote = from_pb_vote(reply.vote.as_ref()).map_err(rpc_error)?;
         Ok(VoteResponse::new(vote, reply.last_log_id.as_ref().map(from_pb_log_id), reply.granted))
     }

@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Weak;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,10 +17,11 @@ use tonic::transport::server::TcpIncoming;
 
 use flotilla_raft_store::engine::{Cf, Engine, EngineError, MemEngine, RocksConfig, RocksEngine, WriteBatch};
 use flotilla_raft_store::keys;
-use flotilla_raft_store::node::{Group, RaftNode, RaftTiming};
+use flotilla_raft_store::node::{Group, GroupRaft, RaftNode, RaftTiming};
 use flotilla_raft_store::partition::{self, ReadError};
 use flotilla_raft_store::record_batch::{self, ProducerInfo, Record};
 use flotilla_raft_store::state_machine::{Mode, encode_batches};
+use flotilla_raft_store::transport::{GroupLookup, RaftTransportService};
 use flotilla_raft_store::types::Response;
 
 const TIMING: RaftTiming =
@@ -30,6 +32,8 @@ const WAIT: Duration = Duration::from_secs(60);
 /// connection at once, as the death of a process would.
 struct RunningNode {
     node: Arc<RaftNode>,
+    /// Raft RPCs this node's server got for groups it did not host.
+    unknown_groups: Arc<AtomicUsize>,
     stop: tokio::sync::oneshot::Sender<()>,
     server: std::thread::JoinHandle<()>,
 }
@@ -43,6 +47,7 @@ struct Cluster {
     /// view of it.
     stores: BTreeMap<u64, Arc<MemEngine>>,
     disks: BTreeMap<u64, Arc<ProcessDisk>>,
+    timing: RaftTiming,
 }
 
 /// One process's view of a node's in-memory store. Its fsyncs can be held back, and it dies with the
@@ -121,8 +126,13 @@ impl Engine for ProcessDisk {
 }
 
 /// Polls `cond` until it holds, failing the test after [`WAIT`].
-async fn wait_for(what: &str, mut cond: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
+async fn wait_for(what: &str, cond: impl AsyncFnMut() -> bool) {
+    wait_within(what, WAIT, cond).await
+}
+
+/// Polls `cond` until it holds, failing the test after `limit`.
+async fn wait_within(what: &str, limit: Duration, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
     while !cond().await {
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -142,11 +152,31 @@ async fn open_engine(dir: &Path) -> Arc<dyn Engine> {
     panic!("could not reopen {dir:?}: {last_err:?}");
 }
 
+/// A node's groups as its transport server finds them, counting the RPCs for groups it does not host.
+struct CountingLookup {
+    node: Weak<RaftNode>,
+    unknown: Arc<AtomicUsize>,
+}
+
+impl GroupLookup for CountingLookup {
+    fn raft(&self, group: u64) -> Option<GroupRaft> {
+        let raft = self.node.raft(group);
+        if raft.is_none() {
+            self.unknown.fetch_add(1, Ordering::SeqCst);
+        }
+        raft
+    }
+}
+
+/// Serves `node`'s Raft transport on `listener` from a thread of its own; returns its stop signal and
+/// thread, and the count of RPCs for groups the node did not host.
 fn serve(
     node: &Arc<RaftNode>,
     listener: std::net::TcpListener,
-) -> (tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>) {
-    let service = node.transport_service();
+) -> (tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>, Arc<AtomicUsize>) {
+    let unknown = Arc::new(AtomicUsize::new(0));
+    let lookup = CountingLookup { node: Arc::downgrade(node), unknown: unknown.clone() };
+    let service = RaftTransportService::new(Arc::new(lookup)).into_server();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("server runtime");
@@ -162,20 +192,20 @@ fn serve(
         });
         // Dropping the runtime here cancels every connection task of this server.
     });
-    (stop, thread)
+    (stop, thread, unknown)
 }
 
 impl Cluster {
     async fn start(n: u64) -> Cluster {
-        Self::start_with(n, false).await
+        Self::start_with(n, false, TIMING).await
     }
 
     /// A cluster whose nodes keep their data in memory ([`ProcessDisk`]), so a test can cut power.
     async fn start_in_memory(n: u64) -> Cluster {
-        Self::start_with(n, true).await
+        Self::start_with(n, true, TIMING).await
     }
 
-    async fn start_with(n: u64, in_memory: bool) -> Cluster {
+    async fn start_with(n: u64, in_memory: bool, timing: RaftTiming) -> Cluster {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -187,6 +217,7 @@ impl Cluster {
             running: BTreeMap::new(),
             stores: BTreeMap::new(),
             disks: BTreeMap::new(),
+            timing,
             _root: root,
         };
         for id in 1..=n {
@@ -198,9 +229,9 @@ impl Cluster {
             if in_memory {
                 cluster.stores.insert(id, Arc::new(MemEngine::new()));
             }
-            let node = RaftNode::open(id, cluster.engine(id).await, TIMING).await.expect("open node");
-            let (stop, server) = serve(&node, listener);
-            cluster.running.insert(id, RunningNode { node, stop, server });
+            let node = RaftNode::open(id, cluster.engine(id).await, timing).await.expect("open node");
+            let (stop, server, unknown_groups) = serve(&node, listener);
+            cluster.running.insert(id, RunningNode { node, unknown_groups, stop, server });
         }
         cluster
     }
@@ -291,9 +322,9 @@ impl Cluster {
     async fn restart(&mut self, id: u64) {
         let addr = self.addrs[&id].clone();
         let listener = std::net::TcpListener::bind(&addr).expect("rebind");
-        let node = RaftNode::open(id, self.engine(id).await, TIMING).await.expect("reopen node");
-        let (stop, server) = serve(&node, listener);
-        self.running.insert(id, RunningNode { node, stop, server });
+        let node = RaftNode::open(id, self.engine(id).await, self.timing).await.expect("reopen node");
+        let (stop, server, unknown_groups) = serve(&node, listener);
+        self.running.insert(id, RunningNode { node, unknown_groups, stop, server });
     }
 
     async fn shutdown(mut self) {
@@ -541,5 +572,30 @@ async fn a_node_handing_off_its_leaderships_leads_nothing_and_its_groups_keep_ta
         assert_ne!(id, 1, "group {g} is led elsewhere");
         assert_eq!(cluster.append(g, &[record(g, 1)]).await, 1, "group {g} takes writes");
     }
+    cluster.shutdown().await;
+}
+
+/// A new group's replicas are created by each node when it applies the group's creation, so the node
+/// that bootstraps it may campaign before its peers host it. Their refusals must not cost the group an
+/// election timeout: elections here time out after two minutes, far beyond this test's wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_campaigning_before_its_peers_host_it_is_led_once_they_do() {
+    let slow_elections =
+        RaftTiming { heartbeat_interval_ms: 100, election_timeout_min_ms: 120_000, election_timeout_max_ms: 121_000 };
+    let cluster = Cluster::start_with(3, false, slow_elections).await;
+    let g = 40;
+    cluster.node(1).create_group(g, Mode::Log).await.expect("create group");
+    cluster.node(1).initialize_group(g, cluster.members()).await.expect("initialize");
+    let refused = |id: u64| cluster.running[&id].unknown_groups.load(Ordering::SeqCst);
+    wait_for("both peers to refuse a vote for the group they do not host", async || refused(2) >= 1 && refused(3) >= 1)
+        .await;
+    for id in [2, 3] {
+        cluster.node(id).create_group(g, Mode::Log).await.expect("create group");
+    }
+    wait_within("node 1 to lead the group, well before an election timeout", Duration::from_secs(30), async || {
+        cluster.node(1).group(g).is_some_and(|group| group.is_leader(1))
+    })
+    .await;
+    assert_eq!(cluster.append(g, &[record(g, 0)]).await, 0, "the group takes writes");
     cluster.shutdown().await;
 }
