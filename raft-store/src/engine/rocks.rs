@@ -38,6 +38,9 @@ impl Default for RocksConfig {
     }
 }
 
+/// Obsolete WAL files kept for reuse as new WALs.
+const WAL_FILES_RECYCLED: usize = 2;
+
 /// A node's RocksDB.
 pub struct RocksEngine {
     db: DB,
@@ -83,6 +86,11 @@ impl RocksEngine {
         opts.set_db_write_buffer_size(config.write_buffer_bytes_max);
         opts.set_max_total_wal_size(config.wal_bytes_max);
         opts.set_wal_bytes_per_sync(1 << 20);
+        // Reuse old WAL files instead of creating and deleting them: a group commit's fdatasync then
+        // overwrites blocks already allocated, with no inode or journal update. A fresh WAL file at each
+        // memtable switch (and the unlink of the old one, with its discard) made the fdatasyncs around the
+        // switch wait on ext4 journal commits: 20-50 ms stalls, every few seconds under load, on every node.
+        opts.set_recycle_log_file_num(WAL_FILES_RECYCLED);
         opts.set_bytes_per_sync(1 << 20);
         // Memtable flushes of different column families must not reorder what a crash can leave behind.
         opts.set_atomic_flush(true);
@@ -226,5 +234,65 @@ mod tests {
         let last = e.last_in_range(Cf::Log, &key(2, 0), &key(2, 4)).expect("last");
         assert_eq!(last.map(|(_, v)| v), Some(Bytes::from_static(b"2/3")));
         assert_eq!(e.last_in_range(Cf::Log, &key(4, 0), &key(4, 9)).expect("last"), None);
+    }
+
+    /// The size of the newest WAL file in `dir` (the one being written).
+    fn newest_wal_bytes(dir: &Path) -> u64 {
+        let entries = std::fs::read_dir(dir).expect("read dir");
+        let newest = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+            .max_by_key(|e| e.file_name());
+        newest.map_or(0, |e| e.metadata().expect("metadata").len())
+    }
+
+    /// Flushes every column family's memtable, which starts a new WAL file.
+    fn flush_all(e: &RocksEngine) {
+        let handles: Vec<_> = Cf::ALL.iter().map(|cf| e.handle(*cf).expect("cf")).collect();
+        e.db.flush_cfs_opt(&handles, &rocksdb::FlushOptions::default()).expect("flush");
+    }
+
+    /// WAL files are recycled (a group commit's fdatasync then needs no journal commit), and recovery from
+    /// a recycled file replays only what was written to it since its reuse: rounds of records written and
+    /// then deleted leave stale puts in old WAL files, and none comes back after a reopen.
+    #[test]
+    fn recycled_wal_files_are_reused_and_replay_only_their_new_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = |round: u64, i: u64| [round.to_be_bytes(), i.to_be_bytes()].concat();
+        let mut reused = false;
+        {
+            let e = RocksEngine::open(dir.path(), &RocksConfig::default()).expect("open");
+            for round in 0..6u64 {
+                let mut b = WriteBatch::new();
+                for i in 0..500 {
+                    b.put(Cf::Log, key(round, i), Bytes::from(vec![b's'; 100]));
+                    if round > 0 {
+                        b.delete(Cf::Log, key(round - 1, i));
+                    }
+                }
+                e.write(b).expect("write");
+                e.sync_wal().expect("sync");
+                flush_all(&e);
+                // A new WAL file is empty; a recycled one still holds its earlier records.
+                reused |= newest_wal_bytes(dir.path()) > 10_000;
+            }
+            let mut b = WriteBatch::new();
+            for i in 0..500 {
+                b.delete(Cf::Log, key(5, i));
+            }
+            b.put(Cf::Log, b"last".to_vec(), Bytes::from_static(b"kept"));
+            e.write(b).expect("write");
+            e.sync_wal().expect("sync");
+        }
+        assert!(reused, "a WAL file was reused");
+        let e = RocksEngine::open(dir.path(), &RocksConfig::default()).expect("reopen");
+        assert_eq!(e.get(Cf::Log, b"last").expect("get"), Some(Bytes::from_static(b"kept")));
+        let mut stale = 0;
+        e.scan(Cf::Log, &key(0, 0), &key(6, 0), &mut |_, _| {
+            stale += 1;
+            true
+        })
+        .expect("scan");
+        assert_eq!(stale, 0, "records deleted before the reopen came back");
     }
 }
