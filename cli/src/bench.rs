@@ -185,11 +185,28 @@ impl Tally {
 }
 
 /// Creates the topic if it is missing; returns its partition count.
+/// How long a benchmark waits for every partition of its topic to have a leader before it starts.
+const LEADERS_WAIT: Duration = Duration::from_secs(30);
+
+/// Creates `topic` if it is missing and waits until every partition has a leader, so the measurement
+/// does not start inside the new partitions' first elections (OMB waits for its topics alike). Returns the
+/// number of partitions.
 async fn ensure_topic(client: &Client, topic: &str, partitions: u32, replication_factor: u32) -> anyhow::Result<u32> {
     if client.describe_topic(topic).await.is_err() {
         client.create_topic(topic, partitions, replication_factor, vec![]).await?;
     }
-    Ok(client.describe_topic(topic).await?.partitions.len() as u32)
+    let deadline = Instant::now() + LEADERS_WAIT;
+    loop {
+        let info = client.describe_topic(topic).await?;
+        let leaderless = info.partitions.iter().filter(|p| p.leader == 0).count();
+        if leaderless == 0 {
+            return Ok(info.partitions.len() as u32);
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("{leaderless} partitions of {topic} still have no leader after {LEADERS_WAIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn payload_record(value: Bytes) -> pb::Record {
