@@ -40,10 +40,15 @@ pub fn spawn_broker(
     data_dir: &std::path::Path,
     listen: &str,
     initial_cluster: &str,
+    metrics_listen: Option<&str>,
     log: std::fs::File,
 ) -> anyhow::Result<tokio::process::Child> {
     use anyhow::Context;
-    tokio::process::Command::new(broker)
+    let mut command = tokio::process::Command::new(broker);
+    if let Some(addr) = metrics_listen {
+        command.arg("--metrics-listen").arg(addr);
+    }
+    command
         .arg("--node-id")
         .arg(id.to_string())
         .arg("--data-dir")

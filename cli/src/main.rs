@@ -47,6 +47,9 @@ enum Command {
         data_dir: PathBuf,
         #[arg(long, default_value_t = 9401)]
         base_port: u16,
+        /// Serve each broker's Prometheus metrics on 127.0.0.1 from this port up (one port per broker).
+        #[arg(long)]
+        metrics_base_port: Option<u16>,
     },
     /// Cluster-wide views.
     Cluster {
@@ -415,19 +418,35 @@ async fn consume(
     }
 }
 
-async fn dev(nodes: u64, data_dir: &Path, base_port: u16) -> anyhow::Result<()> {
+async fn dev(nodes: u64, data_dir: &Path, base_port: u16, metrics_base_port: Option<u16>) -> anyhow::Result<()> {
     if nodes == 0 {
         bail!("--nodes must be at least 1");
     }
+    let ports = |base: u16, what: &str| -> anyhow::Result<Vec<String>> {
+        if u64::from(base) + nodes - 1 > u64::from(u16::MAX) {
+            bail!("{what} {base} leaves no room for {nodes} brokers below port 65536");
+        }
+        Ok((0..nodes).map(|i| format!("127.0.0.1:{}", u64::from(base) + i)).collect())
+    };
     let broker = flotilla_cli::broker_binary()?;
-    let addrs: Vec<String> = (0..nodes).map(|i| format!("127.0.0.1:{}", base_port as u64 + i)).collect();
+    let addrs = ports(base_port, "--base-port")?;
+    let metrics = metrics_base_port.map(|base| ports(base, "--metrics-base-port")).transpose()?;
     let initial: Vec<String> = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect();
     let mut children = Vec::new();
     for (i, addr) in addrs.iter().enumerate() {
         let id = i as u64 + 1;
         std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
         let log = std::fs::File::create(data_dir.join(format!("node-{id}.log")))?;
-        children.push(flotilla_cli::spawn_broker(&broker, id, data_dir, addr, &initial.join(","), log)?);
+        let metrics_listen = metrics.as_ref().map(|m| m[i].as_str());
+        children.push(flotilla_cli::spawn_broker(
+            &broker,
+            id,
+            data_dir,
+            addr,
+            &initial.join(","),
+            metrics_listen,
+            log,
+        )?);
     }
     let pids: Vec<String> = children.iter().filter_map(|c| c.id()).map(|p| p.to_string()).collect();
     let pids_file = data_dir.join(flotilla_cli::bench::DEV_PIDS_FILE);
@@ -435,6 +454,10 @@ async fn dev(nodes: u64, data_dir: &Path, base_port: u16) -> anyhow::Result<()> 
         .with_context(|| format!("cannot write {}", pids_file.display()))?;
     out!("flotilla dev: {nodes} brokers running; logs and data in {}", data_dir.display())?;
     out!("bootstrap: {}", addrs.join(","))?;
+    if let Some(metrics) = &metrics {
+        let urls: Vec<String> = metrics.iter().map(|m| format!("http://{m}/metrics")).collect();
+        out!("metrics: {}", urls.join(" "))?;
+    }
     out!("try: flotilla --bootstrap {} cluster status", addrs[0])?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let exited = async {
@@ -550,7 +573,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(bootstrap);
     let output = cli.output;
     match cli.command {
-        Command::Dev { nodes, data_dir, base_port } => dev(nodes, &data_dir, base_port).await?,
+        Command::Dev { nodes, data_dir, base_port, metrics_base_port } => {
+            dev(nodes, &data_dir, base_port, metrics_base_port).await?
+        }
         Command::Cluster { command: ClusterCommand::Status } => {
             let md = client.metadata().await?;
             match output {

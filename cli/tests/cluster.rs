@@ -723,6 +723,46 @@ async fn every_broker_serves_prometheus_metrics() {
     assert!(fsyncs.clone().count() == 3 && fsyncs.into_iter().all(|(_, v)| *v >= 1.0), "every node has fsynced");
 }
 
+/// `flotilla dev --metrics-base-port` gives each broker a metrics endpoint, so a local cluster (and a
+/// benchmark on it) can be watched from the brokers' side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flotilla_dev_serves_each_brokers_metrics_when_asked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (port, metrics_port) = (free_port(), free_port());
+    let _broker_beside = broker_bin();
+    let mut dev = DevProcess(
+        Command::new(flotilla_bin())
+            .args(["dev", "--nodes", "1", "--base-port", &port.to_string()])
+            .args(["--metrics-base-port", &metrics_port.to_string()])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start flotilla dev"),
+    );
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    wait_for("the dev broker's metrics", async || {
+        http_get(&metrics, "/metrics").await.is_some_and(|body| body.contains("flotilla_storage_fsyncs_total"))
+    })
+    .await;
+    let status = Command::new("kill").arg("-TERM").arg(dev.0.id().to_string()).status().expect("kill");
+    assert!(status.success(), "SIGTERM to flotilla dev");
+    wait_for("flotilla dev to stop its broker and exit", async || matches!(dev.0.try_wait(), Ok(Some(_)))).await;
+}
+
+/// A `flotilla dev` process, stopped (SIGTERM: it stops its brokers) if a failed test leaves it running.
+struct DevProcess(Child);
+
+impl Drop for DevProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = Command::new("kill").arg("-TERM").arg(self.0.id().to_string()).status();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_produce_reports_throughput_and_latency_as_json() {
     let cluster = TestCluster::start(3);
