@@ -184,7 +184,6 @@ impl Tally {
     }
 }
 
-/// Creates the topic if it is missing; returns its partition count.
 /// How long a benchmark waits for every partition of its topic to have a leader before it starts.
 const LEADERS_WAIT: Duration = Duration::from_secs(30);
 

@@ -423,11 +423,18 @@ async fn dev(nodes: u64, data_dir: &Path, base_port: u16, metrics_base_port: Opt
         bail!("--nodes must be at least 1");
     }
     let ports = |base: u16, what: &str| -> anyhow::Result<Vec<String>> {
-        if u64::from(base) + nodes - 1 > u64::from(u16::MAX) {
+        if u64::from(base).saturating_add(nodes - 1) > u64::from(u16::MAX) {
             bail!("{what} {base} leaves no room for {nodes} brokers below port 65536");
         }
         Ok((0..nodes).map(|i| format!("127.0.0.1:{}", u64::from(base) + i)).collect())
     };
+    if let Some(metrics) = metrics_base_port
+        && u64::from(metrics.abs_diff(base_port)) < nodes
+    {
+        bail!(
+            "--metrics-base-port {metrics} overlaps the brokers' ports from --base-port {base_port} ({nodes} brokers)"
+        );
+    }
     let broker = flotilla_cli::broker_binary()?;
     let addrs = ports(base_port, "--base-port")?;
     let metrics = metrics_base_port.map(|base| ports(base, "--metrics-base-port")).transpose()?;

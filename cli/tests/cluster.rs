@@ -700,7 +700,8 @@ async fn every_broker_serves_prometheus_metrics() {
     let somewhere = |name: &str| scrapes.values().any(|s| s.iter().any(|(series, _)| series.starts_with(name)));
     for name in [
         "flotilla_storage_fsyncs_total",
-        "flotilla_storage_fsync_latency_seconds_bucket",
+        // Its own buckets, finer than the other histograms' (which start at 0.5 ms).
+        "flotilla_storage_fsync_latency_seconds_bucket{le=\"0.0001\"}",
         "flotilla_raft_term",
         "flotilla_partition_leaderships",
         "flotilla_raft_heartbeats_total",
@@ -728,11 +729,11 @@ async fn every_broker_serves_prometheus_metrics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flotilla_dev_serves_each_brokers_metrics_when_asked() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (port, metrics_port) = (free_port(), free_port());
+    let (port, metrics_port) = (two_free_ports(), two_free_ports());
     let _broker_beside = broker_bin();
     let mut dev = DevProcess(
         Command::new(flotilla_bin())
-            .args(["dev", "--nodes", "1", "--base-port", &port.to_string()])
+            .args(["dev", "--nodes", "2", "--base-port", &port.to_string()])
             .args(["--metrics-base-port", &metrics_port.to_string()])
             .arg("--data-dir")
             .arg(dir.path())
@@ -741,14 +742,28 @@ async fn flotilla_dev_serves_each_brokers_metrics_when_asked() {
             .spawn()
             .expect("start flotilla dev"),
     );
-    let metrics = format!("127.0.0.1:{metrics_port}");
-    wait_for("the dev broker's metrics", async || {
-        http_get(&metrics, "/metrics").await.is_some_and(|body| body.contains("flotilla_storage_fsyncs_total"))
-    })
-    .await;
+    for metrics in [metrics_port, metrics_port + 1].map(|p| format!("127.0.0.1:{p}")) {
+        wait_for(&format!("the metrics of the dev broker at {metrics}"), async || {
+            http_get(&metrics, "/metrics").await.is_some_and(|body| body.contains("flotilla_storage_fsyncs_total"))
+        })
+        .await;
+    }
     let status = Command::new("kill").arg("-TERM").arg(dev.0.id().to_string()).status().expect("kill");
     assert!(status.success(), "SIGTERM to flotilla dev");
-    wait_for("flotilla dev to stop its broker and exit", async || matches!(dev.0.try_wait(), Ok(Some(_)))).await;
+    wait_for("flotilla dev to stop its brokers and exit", async || matches!(dev.0.try_wait(), Ok(Some(_)))).await;
+}
+
+/// Two consecutive ports nothing listens on now (`flotilla dev` gives its brokers ports from a base up).
+fn two_free_ports() -> u16 {
+    let mut previous = free_port();
+    for _ in 0..1000 {
+        let next = free_port();
+        if next == previous + 1 {
+            return previous;
+        }
+        previous = next;
+    }
+    panic!("no two consecutive free ports")
 }
 
 /// A `flotilla dev` process, stopped (SIGTERM: it stops its brokers) if a failed test leaves it running.

@@ -704,15 +704,16 @@ impl GroupNetwork {
         let ttl = option.soft_ttl();
         let deadline = tokio::time::Instant::now() + ttl;
         let mut pause = VOTE_RETRY_PAUSE_FIRST;
+        let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
         let reply = loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match tokio::time::timeout(left, client.vote(req)).await {
+            match tokio::time::timeout(left(), client.vote(req)).await {
                 Err(_) => return Err(self.timeout(RPCTypes::Vote, ttl)),
                 // A peer creates a new group's replica when it applies the topic's creation, which may
                 // be just after the bootstrapping node campaigned: ask again while the election lasts,
                 // instead of failing the vote and leaving the new group leaderless for a whole election
                 // timeout. (NotFound means the peer never looked at the request, so asking again is safe.)
-                Ok(Err(status)) if status.code() == tonic::Code::NotFound && left > pause => {
+                // The pause must end before the deadline.
+                Ok(Err(status)) if status.code() == tonic::Code::NotFound && left() > pause => {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(VOTE_RETRY_PAUSE_MAX);
                 }

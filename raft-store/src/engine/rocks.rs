@@ -287,12 +287,12 @@ mod tests {
         assert!(reused, "a WAL file was reused");
         let e = RocksEngine::open(dir.path(), &RocksConfig::default()).expect("reopen");
         assert_eq!(e.get(Cf::Log, b"last").expect("get"), Some(Bytes::from_static(b"kept")));
-        let mut stale = 0;
-        e.scan(Cf::Log, &key(0, 0), &key(6, 0), &mut |_, _| {
-            stale += 1;
-            true
-        })
-        .expect("scan");
-        assert_eq!(stale, 0, "records deleted before the reopen came back");
+        // Point reads, not a scan: a stale put replayed into the memtable would be found there first,
+        // whereas a scan would merge it with the newer deletes already flushed and hide it.
+        for round in 0..6 {
+            for i in 0..500 {
+                assert_eq!(e.get(Cf::Log, &key(round, i)).expect("get"), None, "record {round}/{i} came back");
+            }
+        }
     }
 }
