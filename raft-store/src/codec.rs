@@ -200,13 +200,15 @@ pub fn read_stored_membership(r: &mut Reader) -> Result<StoredMembership, CodecE
     Ok(StoredMembership::new(id, m))
 }
 
-/// Encodes an entry (unsealed body).
-pub fn encode_entry(entry: &Entry) -> Bytes {
+/// Encodes an entry and seals it (`crc32c ++ body`, as [`seal`] would), copying its payload once.
+pub fn seal_entry(entry: &Entry) -> Bytes {
     let payload_len = match &entry.payload {
         EntryPayload::Normal(c) => c.0.len(),
         _ => 64,
     };
-    let mut out = BytesMut::with_capacity(18 + payload_len);
+    // One pass: the CRC's place first, then the body written once, then the CRC over it.
+    let mut out = BytesMut::with_capacity(4 + 18 + payload_len);
+    out.put_u32(0);
     out.put_u8(ENTRY_VERSION);
     out.put_u64(term_of(&entry.log_id));
     out.put_u64(entry.log_id.index);
@@ -221,6 +223,8 @@ pub fn encode_entry(entry: &Entry) -> Bytes {
             put_membership(&mut out, m);
         }
     }
+    let crc = crc32c::crc32c(&out[4..]);
+    out[..4].copy_from_slice(&crc.to_be_bytes());
     out.freeze()
 }
 
@@ -285,7 +289,7 @@ mod tests {
             Entry::new_membership(log_id(3, 9), membership()),
         ];
         for e in entries {
-            let sealed = seal(&encode_entry(&e));
+            let sealed = seal_entry(&e);
             let back = decode_entry(unseal(&sealed).expect("crc"), Some(e.log_id.index)).expect("decode");
             assert_eq!(back, e);
         }
@@ -294,7 +298,7 @@ mod tests {
     #[test]
     fn any_flipped_bit_is_detected() {
         let e = Entry::new_normal(log_id(2, 7), Command(Bytes::from_static(b"payload")));
-        let sealed = seal(&encode_entry(&e));
+        let sealed = seal_entry(&e);
         for at in 0..sealed.len() {
             let mut bad = sealed.to_vec();
             bad[at] ^= 0x10;
@@ -305,14 +309,14 @@ mod tests {
     #[test]
     fn entry_under_the_wrong_key_is_rejected() {
         let e = Entry::new_blank(log_id(1, 5));
-        let err = decode_entry(encode_entry(&e), Some(6)).expect_err("wrong index");
+        let err = decode_entry(unseal(&seal_entry(&e)).expect("crc"), Some(6)).expect_err("wrong index");
         assert_eq!(err, CodecError::WrongIndex { expected: 6, found: 5 });
     }
 
     #[test]
     fn truncated_input_is_an_error_not_a_panic() {
         let e = Entry::new_membership(log_id(3, 9), membership());
-        let body = encode_entry(&e);
+        let body = unseal(&seal_entry(&e)).expect("crc");
         for len in 0..body.len() {
             assert!(decode_entry(body.slice(..len), None).is_err(), "prefix of {len} bytes decoded");
         }

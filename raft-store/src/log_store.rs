@@ -471,7 +471,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let mut batch = WriteBatch::new();
         for e in &entries {
-            batch.put(Cf::Log, keys::group_u64(g, e.log_id.index), codec::seal(&codec::encode_entry(e)));
+            batch.put(Cf::Log, keys::group_u64(g, e.log_id.index), codec::seal_entry(e));
         }
         let bytes = batch.payload_bytes() as u64;
         self.shared.write(batch)?;

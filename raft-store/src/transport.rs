@@ -90,7 +90,7 @@ fn pb_append(group: GroupId, req: &AppendEntriesRequest<TypeConfig>) -> pb::Appe
         group_id: group,
         vote: Some(pb_vote(&req.vote)),
         prev_log_id: req.prev_log_id.as_ref().map(pb_log_id),
-        entries: req.entries.iter().map(|e| codec::seal(&codec::encode_entry(e))).collect(),
+        entries: req.entries.iter().map(codec::seal_entry).collect(),
         leader_commit: req.leader_commit.as_ref().map(pb_log_id),
     }
 }
