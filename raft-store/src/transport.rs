@@ -348,13 +348,19 @@ struct Multiplex<T> {
     open: SelectAll<BoxStream<'static, T>>,
     closed: bool,
     bytes: fn(&T) -> usize,
+    /// Frames gathered before the task yielded, and their bytes.
+    held: Vec<T>,
+    held_bytes: usize,
 }
 
 impl<T> Multiplex<T> {
     fn new(opened: mpsc::UnboundedReceiver<BoxStream<'static, T>>, bytes: fn(&T) -> usize) -> Self {
-        Self { opened, open: SelectAll::new(), closed: false, bytes }
+        Self { opened, open: SelectAll::new(), closed: false, bytes, held: Vec::new(), held_bytes: 0 }
     }
 }
+
+// Nothing in a multiplex is ever pinned in place: held frames are moved out whole.
+impl<T> Unpin for Multiplex<T> {}
 
 impl<T> Stream for Multiplex<T> {
     type Item = Vec<T>;
@@ -368,8 +374,9 @@ impl<T> Stream for Multiplex<T> {
                 Poll::Pending => break,
             }
         }
-        let mut batch = Vec::new();
-        let mut bytes = 0;
+        let yielded = !this.held.is_empty();
+        let mut batch = std::mem::take(&mut this.held);
+        let mut bytes = std::mem::take(&mut this.held_bytes);
         while bytes < FRAMES_BYTES_MAX {
             match this.open.poll_next_unpin(cx) {
                 Poll::Ready(Some(item)) => {
@@ -380,7 +387,14 @@ impl<T> Stream for Multiplex<T> {
                 Poll::Ready(None) | Poll::Pending => break,
             }
         }
-        if !batch.is_empty() {
+        if !batch.is_empty() && !yielded && bytes < FRAMES_BYTES_MAX {
+            // Let the other tasks ready to run go first: other groups about to send (woken together by
+            // one fsync, or by one batch of replies) join this batch instead of each costing a message.
+            this.held = batch;
+            this.held_bytes = bytes;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        } else if !batch.is_empty() {
             Poll::Ready(Some(batch))
         } else if this.closed && this.open.is_empty() {
             Poll::Ready(None)
@@ -1290,6 +1304,25 @@ mod tests {
         assert!(futures::poll!(mux.next()).is_pending());
         drop(opened);
         assert!(mux.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn frames_ready_while_a_multiplex_yields_join_its_batch() {
+        let (opened, rx) = mpsc::unbounded_channel::<BoxStream<'static, pb::AppendFrame>>();
+        let mut mux = Multiplex::new(rx, request_frame_bytes);
+        let (late, late_frames) = mpsc::unbounded_channel();
+        opened.send(Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(late_frames))).expect("open");
+        opened.send(Box::pin(futures::stream::iter([frame(1, 10)]))).expect("open");
+        // The first poll finds one frame and yields, holding it, so the tasks ready to run go first.
+        assert!(futures::poll!(mux.next()).is_pending(), "the multiplex yields before sending");
+        // One of them sends too: its frame goes out with the held one, in one batch.
+        late.send(frame(2, 20)).expect("send");
+        let batch = futures::poll!(mux.next());
+        assert!(matches!(&batch, Poll::Ready(Some(b)) if streams_of(b) == [1, 2]), "one batch of both: {batch:?}");
+        // With nothing held, a lone frame is held once again and then sent alone.
+        late.send(frame(2, 30)).expect("send");
+        assert!(futures::poll!(mux.next()).is_pending());
+        assert_eq!(mux.next().await.map(|b| streams_of(&b)), Some(vec![2]));
     }
 
     #[tokio::test]
