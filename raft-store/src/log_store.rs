@@ -6,8 +6,9 @@
 //! newest records. The node's groups share one [`TailBudget`] for it.
 //!
 //! Architecture Invariant: entries, vote, committed index and purge marker of a group are written by this
-//! module only, in the order openraft submits them (each call writes before it returns), so the WAL holds
-//! them in submission order and any fsync covers a prefix of them.
+//! module only, in the order openraft submits them (each call writes before it returns; a lazy committed
+//! index is the exception: it is written with the group's next append, still behind the entries it
+//! covers), so the WAL holds them in submission order and any fsync covers a prefix of them.
 //!
 //! Architecture Invariant: a stored entry that fails its checksum (or decodes under the wrong index) is
 //! never returned. The read fails with an error naming the group and index, and the store refuses every
@@ -72,6 +73,8 @@ struct LogInner {
     last_log_id: Option<LogId>,
     vote: Option<Vote>,
     committed: Option<LogId>,
+    /// `committed` is newer than what the engine holds (lazy mode): the group's next append writes it.
+    committed_unwritten: bool,
     cache: BTreeMap<u64, Entry>,
     cache_bytes: usize,
     budget: Arc<TailBudget>,
@@ -151,7 +154,8 @@ pub enum CommittedSync {
     /// re-applied up to the committed index at once, so a reader of this replica never sees it go back.
     /// For groups whose state a restarted replica acts on before it hears from a leader (the controller).
     Durable,
-    /// Written unsynced, durable with the next group commit; off the commit-to-apply path. After a crash
+    /// Written with the group's next append (no write of its own), durable with that append's group
+    /// commit; off the commit-to-apply path. After a crash
     /// this replica may restart applied below what it showed before, until a leader's commit reaches it:
     /// readers must be served only by a leader that has applied an entry of its own term
     /// (`Group::serves_reads`). For partition logs.
@@ -227,6 +231,7 @@ impl LogStore {
                 last_log_id,
                 vote,
                 committed,
+                committed_unwritten: false,
                 cache: BTreeMap::new(),
                 cache_bytes: 0,
                 budget: {
@@ -443,16 +448,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
         self.shared.check()?;
-        let g = self.shared.group;
-        let mut batch = WriteBatch::new();
-        batch.put(Cf::RaftMeta, keys::group_tag(g, meta_tag::COMMITTED), encode_log_id(committed.as_ref()));
         match self.shared.committed_sync {
-            // The fsync is shared with every other group's appends.
-            CommittedSync::Durable => self.shared.write_synced(batch).await?,
-            // Written behind the entries it covers in the one WAL, so a crash never keeps it without them.
-            CommittedSync::Lazy => self.shared.write(batch)?,
+            CommittedSync::Durable => {
+                let mut batch = WriteBatch::new();
+                let key = keys::group_tag(self.shared.group, meta_tag::COMMITTED);
+                batch.put(Cf::RaftMeta, key, encode_log_id(committed.as_ref()));
+                // The fsync is shared with every other group's appends.
+                self.shared.write_synced(batch).await?;
+                self.shared.lock().committed = committed;
+            }
+            // No write of its own: the group's next append carries it, and the fsync of that append (or
+            // of any write after it) makes it durable, as a write of its own, unsynced, would have been.
+            // It goes behind the entries it covers in the one WAL, so a crash never keeps it without them.
+            CommittedSync::Lazy => {
+                let mut inner = self.shared.lock();
+                inner.committed = committed;
+                inner.committed_unwritten = true;
+            }
         }
-        self.shared.lock().committed = committed;
         Ok(())
     }
 
@@ -474,6 +487,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.put(Cf::Log, keys::group_u64(g, e.log_id.index), codec::seal_entry(e));
         }
         let bytes = batch.payload_bytes() as u64;
+        {
+            let mut inner = self.shared.lock();
+            if inner.committed_unwritten {
+                let key = keys::group_tag(g, meta_tag::COMMITTED);
+                batch.put(Cf::RaftMeta, key, encode_log_id(inner.committed.as_ref()));
+                inner.committed_unwritten = false;
+            }
+        }
         self.shared.write(batch)?;
         {
             let mut inner = self.shared.lock();

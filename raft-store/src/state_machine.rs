@@ -783,8 +783,8 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
                 batch.put(Cf::SmMeta, keys::group_tag(inner.group, sm_tag::STATE), inner.encode_state());
             }
             if !batch.is_empty() {
-                // Unsynced: a crash loses at most a suffix that openraft re-applies from the saved committed
-                // index.
+                // Unsynced: a crash loses at most a suffix, which openraft re-applies up to the saved
+                // committed index, and a leader's commit brings the rest.
                 self.shared.engine.write(batch)?;
             }
             inner.published()

@@ -159,6 +159,25 @@ async fn a_lazy_committed_index_waits_for_no_fsync_and_is_durable_with_the_next_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazy_committed_index_costs_no_write_of_its_own_and_rides_on_the_next_append() {
+    let mem = Arc::new(MemEngine::new());
+    let (mut log, _sm) = open_store_with(mem.clone(), 1, CommittedSync::Lazy).expect("store");
+    let key = keys::group_tag(1, keys::meta_tag::COMMITTED);
+    log.blocking_append([data_entry(1, 1), data_entry(1, 2)]).await.expect("append");
+    log.save_committed(Some(log_id(1, 2))).await.expect("committed");
+    assert_eq!(log.read_committed().await.expect("committed"), Some(log_id(1, 2)));
+    assert_eq!(mem.get(Cf::RaftMeta, &key).expect("read"), None, "the committed index got a write of its own");
+    log.blocking_append([data_entry(1, 3)]).await.expect("append");
+    assert!(mem.get(Cf::RaftMeta, &key).expect("read").is_some(), "the next append did not carry the committed index");
+    // One committed later than any append: a crash keeps the one the last append carried.
+    log.save_committed(Some(log_id(1, 3))).await.expect("committed");
+    mem.crash();
+    let (mut reopened, _sm) = open_store_with(mem.clone(), 1, CommittedSync::Lazy).expect("reopen");
+    assert_eq!(reopened.read_committed().await.expect("committed"), Some(log_id(1, 2)));
+    assert_eq!(reopened.get_log_state().await.expect("state").last_log_id, Some(log_id(1, 3)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_durable_committed_index_survives_a_crash() {
     let mem = Arc::new(MemEngine::new());
     let (mut log, _sm) = open_store(mem.clone(), 1).expect("store");
