@@ -155,10 +155,11 @@ pub enum CommittedSync {
     /// For groups whose state a restarted replica acts on before it hears from a leader (the controller).
     Durable,
     /// Written with the group's next append (no write of its own), durable with that append's group
-    /// commit; off the commit-to-apply path. After a crash
-    /// this replica may restart applied below what it showed before, until a leader's commit reaches it:
-    /// readers must be served only by a leader that has applied an entry of its own term
-    /// (`Group::serves_reads`). For partition logs.
+    /// commit; off the commit-to-apply path. An idle group's latest committed index stays unwritten until
+    /// its next append (a stop loses it), which is harmless: every apply writes the applied index, and
+    /// openraft starts from the larger of the two. After a crash this replica may restart applied below
+    /// what it showed before, until a leader's commit reaches it: readers must be served only by a leader
+    /// that has applied an entry of its own term (`Group::serves_reads`). For partition logs.
     Lazy,
 }
 
@@ -457,8 +458,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 self.shared.write_synced(batch).await?;
                 self.shared.lock().committed = committed;
             }
-            // No write of its own: the group's next append carries it, and the fsync of that append (or
-            // of any write after it) makes it durable, as a write of its own, unsynced, would have been.
+            // No write of its own: the group's next append carries it, durable with that append's fsync.
             // It goes behind the entries it covers in the one WAL, so a crash never keeps it without them.
             CommittedSync::Lazy => {
                 let mut inner = self.shared.lock();

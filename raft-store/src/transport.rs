@@ -388,8 +388,10 @@ impl<T> Stream for Multiplex<T> {
             }
         }
         if !batch.is_empty() && !yielded && bytes < FRAMES_BYTES_MAX {
-            // Let the other tasks ready to run go first: other groups about to send (woken together by
-            // one fsync, or by one batch of replies) join this batch instead of each costing a message.
+            // Let the tasks ready to run go first: other groups about to send (woken together by one
+            // fsync, or by one batch of replies) usually join this batch instead of each costing a
+            // message. Not a guarantee: the body's reader may poll again at once, and tasks the WAL
+            // syncer thread woke wait in the runtime's shared queue, which a worker visits less often.
             this.held = batch;
             this.held_bytes = bytes;
             cx.waker().wake_by_ref();
