@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every shape of BENCH.md (B1-B8, B6 at 5k and 20k msgs/s, B7 on 3 partitions, B7 and B2 with batching producers, and B10) RUNS times (default 3) on a fresh local
 # 3-node cluster of release brokers, and writes the ranges to docs/BENCHMARKS.md.
-#   deploy/bench-all.sh              # about 10 minutes
+#   deploy/bench-all.sh              # about 25 minutes
 #   RUNS=1 SHAPES="B1 B2" deploy/bench-all.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +9,8 @@ source deploy/prereqs.sh
 cargo build --release --locked --bins
 bin="$CARGO_TARGET_DIR/release"
 data=$(mktemp -d "${TMPDIR:-/tmp}/flotilla-bench.XXXXXX")
-"$bin/flotilla" dev --nodes 3 --data-dir "$data" --base-port 19601 >"$data/dev.out" 2>&1 &
+mport=19651
+"$bin/flotilla" dev --nodes 3 --data-dir "$data" --base-port 19601 --metrics-base-port "$mport" >"$data/dev.out" 2>&1 &
 dev=$!
 trap 'kill -TERM "$dev" 2>/dev/null; wait "$dev" 2>/dev/null; rm -rf "$data"' EXIT
 export FLOTILLA_BOOTSTRAP=127.0.0.1:19601,127.0.0.1:19602,127.0.0.1:19603
@@ -20,12 +21,32 @@ for _ in $(seq 150); do
 done
 [ -n "$ready" ] || { echo "the cluster did not come up; see $data" >&2; cat "$data/dev.out" >&2; exit 1; }
 
+# The brokers' own side of a latency tail, from their metrics: fsyncs over 20 ms (storage) and produce
+# requests answered after more than 50 ms (anything at the leader), summed over the three brokers.
+tail_counts() {
+  if ! command -v curl >/dev/null; then echo "- -"; return; fi
+  for i in 0 1 2; do curl -s "http://127.0.0.1:$((mport + i))/metrics" || true; done | awk '
+    /^flotilla_storage_fsync_latency_seconds_bucket\{le="0.02"\}/ { fast_syncs += $2 }
+    /^flotilla_storage_fsync_latency_seconds_count/ { syncs += $2 }
+    /^flotilla_produce_latency_seconds_bucket\{.*le="0.05"\}/ { fast_produces += $2 }
+    /^flotilla_produce_latency_seconds_count/ { produces += $2 }
+    END { printf "%d %d\n", syncs - fast_syncs, produces - fast_produces }'
+}
+
 rows=()
+tails=()
 for id in ${SHAPES:-B1 B2 B3 B4 B5 B6-5k B6 B6-20k B7-3 B7 B7-batch B2-batch B8 B10}; do
   echo "== $id" >&2
+  read -r slow_syncs0 slow_produces0 < <(tail_counts)
   out=$("$bin/flotilla" bench scenario "$id" --runs "${RUNS:-3}" --dev-data-dir "$data")
   echo "$out" >&2
   rows+=("$(echo "$out" | tail -n 1)")
+  read -r slow_syncs1 slow_produces1 < <(tail_counts)
+  if [ "$id" = B10 ] || [ "$slow_syncs0" = - ]; then
+    tails+=("| $id | - | - |")
+  else
+    tails+=("| $id | $((slow_syncs1 - slow_syncs0)) | $((slow_produces1 - slow_produces0)) |")
+  fi
 done
 
 {
@@ -43,5 +64,12 @@ done
   echo "| id | shape | msgs/s | MB/s | p50 ms | p99 ms | p99.9 ms | errors | broker CPU us/msg | broker peak RSS MB |"
   echo "|---|---|---|---|---|---|---|---|---|---|"
   printf '%s\n' "${rows[@]}"
+  echo
+  echo "The brokers' own side of the tail, over all runs of each shape (from their metrics; B10's cluster is its"
+  echo "own): fsyncs that took over 20 ms, and produce requests a broker answered after more than 50 ms."
+  echo
+  echo "| id | fsyncs > 20 ms | produce requests > 50 ms |"
+  echo "|---|---|---|"
+  printf '%s\n' "${tails[@]}"
 } >docs/BENCHMARKS.md
 echo "wrote docs/BENCHMARKS.md" >&2
