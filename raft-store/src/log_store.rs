@@ -199,6 +199,11 @@ fn encode_log_id(id: Option<&LogId>) -> bytes::Bytes {
     codec::seal(&out)
 }
 
+/// Adds the write of `group`'s committed log id to `batch`.
+fn put_committed(batch: &mut WriteBatch, group: GroupId, committed: Option<&LogId>) {
+    batch.put(Cf::RaftMeta, keys::group_tag(group, meta_tag::COMMITTED), encode_log_id(committed));
+}
+
 impl LogStore {
     /// Opens group `group`'s log, recovering its state from the engine. Its tail cache takes a share of
     /// `budget`.
@@ -452,8 +457,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         match self.shared.committed_sync {
             CommittedSync::Durable => {
                 let mut batch = WriteBatch::new();
-                let key = keys::group_tag(self.shared.group, meta_tag::COMMITTED);
-                batch.put(Cf::RaftMeta, key, encode_log_id(committed.as_ref()));
+                put_committed(&mut batch, self.shared.group, committed.as_ref());
                 // The fsync is shared with every other group's appends.
                 self.shared.write_synced(batch).await?;
                 self.shared.lock().committed = committed;
@@ -490,8 +494,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         {
             let mut inner = self.shared.lock();
             if inner.committed_unwritten {
-                let key = keys::group_tag(g, meta_tag::COMMITTED);
-                batch.put(Cf::RaftMeta, key, encode_log_id(inner.committed.as_ref()));
+                put_committed(&mut batch, g, inner.committed.as_ref());
                 inner.committed_unwritten = false;
             }
         }
