@@ -16,7 +16,7 @@ use flotilla_raft_store::node::RaftTiming;
 #[command(name = "flotilla-broker", version, about = "A Flotilla broker node")]
 struct Args {
     /// A TOML file with any of: node_id, data_dir, listen, initial_cluster, log_format, metrics_listen,
-    /// raft_peer_routes, memory_budget, retention_check_interval_ms.
+    /// raft_peer_routes, memory_budget, retention_check_interval_ms, min_free_bytes, worker_threads.
     #[arg(long, env = "FLOTILLA_CONFIG")]
     config: Option<PathBuf>,
     /// This node's id (>= 1, listed in --initial-cluster, never reused).
@@ -52,6 +52,10 @@ struct Args {
     /// (default 256MiB): a full disk stops a node's Raft groups until it restarts.
     #[arg(long, env = "FLOTILLA_MIN_FREE_BYTES")]
     min_free_bytes: Option<String>,
+    /// Threads that run the broker's tasks (default: one per core). Brokers sharing a machine each want a
+    /// share of its cores, not all of them (`flotilla dev` divides them).
+    #[arg(long, env = "FLOTILLA_WORKER_THREADS")]
+    worker_threads: Option<usize>,
 }
 
 /// The `--config` file.
@@ -68,6 +72,7 @@ struct FileConfig {
     memory_budget: Option<String>,
     retention_check_interval_ms: Option<u64>,
     min_free_bytes: Option<String>,
+    worker_threads: Option<usize>,
 }
 
 /// mimalloc instead of glibc's malloc: a broker allocates and frees small buffers on every request and
@@ -118,7 +123,16 @@ fn main() -> anyhow::Result<()> {
             None => MIN_FREE_DEFAULT,
         },
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    match args.worker_threads.or(file.worker_threads) {
+        Some(0) => anyhow::bail!("--worker-threads must be at least 1"),
+        Some(n) => {
+            runtime.worker_threads(n);
+        }
+        None => {}
+    }
+    let runtime = runtime.enable_all().build()?;
+    tracing::info!(node = config.node_id, "running on {} worker threads", runtime.metrics().num_workers());
     let result = runtime.block_on(flotilla_broker::server::run(config, shutdown_signal()));
     // After a storage failure a blocking task may still be stuck in the store: do not wait for it.
     runtime.shutdown_timeout(Duration::from_secs(5));

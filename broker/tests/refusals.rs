@@ -87,3 +87,23 @@ fn a_raft_peer_route_to_a_node_outside_the_cluster_is_refused() {
     assert!(!ok);
     assert!(err.contains("names node 3, which is not in the initial cluster"), "{err}");
 }
+
+#[test]
+fn zero_worker_threads_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("d");
+    let (ok, err) = broker(&[
+        "--node-id",
+        "1",
+        "--data-dir",
+        data.to_str().expect("utf8"),
+        "--listen",
+        "127.0.0.1:19401",
+        "--initial-cluster",
+        "1=127.0.0.1:19401",
+        "--worker-threads",
+        "0",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("--worker-threads must be at least 1"), "{err}");
+}

@@ -101,7 +101,16 @@ impl PrivateCluster {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join(format!("node-{}.log", i + 1)))?;
         let id = i as u64 + 1;
-        let child = crate::spawn_broker(&self.broker, id, &self.dir, &self.addrs[i], &initial.join(","), None, log)?;
+        let child = crate::spawn_broker(
+            &self.broker,
+            id,
+            &self.dir,
+            &self.addrs[i],
+            &initial.join(","),
+            None,
+            crate::worker_threads_per_broker(self.addrs.len() as u64),
+            log,
+        )?;
         self.children[i] = Some(child);
         Ok(())
     }

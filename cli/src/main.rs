@@ -50,6 +50,9 @@ enum Command {
         /// Serve each broker's Prometheus metrics on 127.0.0.1 from this port up (one port per broker).
         #[arg(long)]
         metrics_base_port: Option<u16>,
+        /// Worker threads per broker (default: this machine's cores divided among the brokers, at least 1).
+        #[arg(long)]
+        worker_threads: Option<usize>,
     },
     /// Cluster-wide views.
     Cluster {
@@ -418,10 +421,21 @@ async fn consume(
     }
 }
 
-async fn dev(nodes: u64, data_dir: &Path, base_port: u16, metrics_base_port: Option<u16>) -> anyhow::Result<()> {
+async fn dev(
+    nodes: u64,
+    data_dir: &Path,
+    base_port: u16,
+    metrics_base_port: Option<u16>,
+    worker_threads: Option<usize>,
+) -> anyhow::Result<()> {
     if nodes == 0 {
         bail!("--nodes must be at least 1");
     }
+    let worker_threads = match worker_threads {
+        Some(0) => bail!("--worker-threads must be at least 1"),
+        Some(n) => n,
+        None => flotilla_cli::worker_threads_per_broker(nodes),
+    };
     let ports = |base: u16, what: &str| -> anyhow::Result<Vec<String>> {
         if u64::from(base).saturating_add(nodes - 1) > u64::from(u16::MAX) {
             bail!("{what} {base} leaves no room for {nodes} brokers below port 65536");
@@ -452,6 +466,7 @@ async fn dev(nodes: u64, data_dir: &Path, base_port: u16, metrics_base_port: Opt
             addr,
             &initial.join(","),
             metrics_listen,
+            worker_threads,
             log,
         )?);
     }
@@ -459,7 +474,10 @@ async fn dev(nodes: u64, data_dir: &Path, base_port: u16, metrics_base_port: Opt
     let pids_file = data_dir.join(flotilla_cli::bench::DEV_PIDS_FILE);
     std::fs::write(&pids_file, pids.join("\n") + "\n")
         .with_context(|| format!("cannot write {}", pids_file.display()))?;
-    out!("flotilla dev: {nodes} brokers running; logs and data in {}", data_dir.display())?;
+    out!(
+        "flotilla dev: {nodes} brokers running, {worker_threads} worker thread(s) each; logs and data in {}",
+        data_dir.display()
+    )?;
     out!("bootstrap: {}", addrs.join(","))?;
     if let Some(metrics) = &metrics {
         let urls: Vec<String> = metrics.iter().map(|m| format!("http://{m}/metrics")).collect();
@@ -580,8 +598,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(bootstrap);
     let output = cli.output;
     match cli.command {
-        Command::Dev { nodes, data_dir, base_port, metrics_base_port } => {
-            dev(nodes, &data_dir, base_port, metrics_base_port).await?
+        Command::Dev { nodes, data_dir, base_port, metrics_base_port, worker_threads } => {
+            dev(nodes, &data_dir, base_port, metrics_base_port, worker_threads).await?
         }
         Command::Cluster { command: ClusterCommand::Status } => {
             let md = client.metadata().await?;

@@ -725,7 +725,8 @@ async fn every_broker_serves_prometheus_metrics() {
 }
 
 /// `flotilla dev --metrics-base-port` gives each broker a metrics endpoint, so a local cluster (and a
-/// benchmark on it) can be watched from the brokers' side.
+/// benchmark on it) can be watched from the brokers' side; and its brokers share the machine's cores
+/// rather than each running a thread per core.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flotilla_dev_serves_each_brokers_metrics_when_asked() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -747,6 +748,11 @@ async fn flotilla_dev_serves_each_brokers_metrics_when_asked() {
             http_get(&metrics, "/metrics").await.is_some_and(|body| body.contains("flotilla_storage_fsyncs_total"))
         })
         .await;
+    }
+    let threads = format!("running on {} worker threads", flotilla_cli::worker_threads_per_broker(2));
+    for id in [1, 2] {
+        let log = std::fs::read_to_string(dir.path().join(format!("node-{id}.log"))).expect("read the node's log");
+        assert!(log.contains(&threads), "node {id} should be {threads}:\n{log}");
     }
     let status = Command::new("kill").arg("-TERM").arg(dev.0.id().to_string()).status().expect("kill");
     assert!(status.success(), "SIGTERM to flotilla dev");
