@@ -123,9 +123,16 @@ pub(crate) fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant histogram bounds are valid")
 }
 
+/// Latencies of a run: all of them, and those of the current second (a progress line shows a one-second
+/// stall that the whole run's p99 would hide).
+struct Latencies {
+    all: Histogram<u64>,
+    second: Histogram<u64>,
+}
+
 /// Counters shared by a benchmark's tasks.
 pub(crate) struct Tally {
-    histogram: Mutex<Histogram<u64>>,
+    histogram: Mutex<Latencies>,
     pub(crate) records: AtomicU64,
     pub(crate) bytes: AtomicU64,
     pub(crate) errors: AtomicU64,
@@ -134,7 +141,7 @@ pub(crate) struct Tally {
 impl Tally {
     pub(crate) fn new() -> Arc<Self> {
         Arc::new(Self {
-            histogram: Mutex::new(new_histogram()),
+            histogram: Mutex::new(Latencies { all: new_histogram(), second: new_histogram() }),
             records: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             errors: AtomicU64::new(0),
@@ -143,11 +150,14 @@ impl Tally {
 
     pub(crate) fn latency(&self, d: Duration) {
         if let Ok(mut h) = self.histogram.lock() {
-            let _ = h.record((d.as_micros() as u64).clamp(1, 60_000_000));
+            let micros = (d.as_micros() as u64).clamp(1, 60_000_000);
+            let _ = h.all.record(micros);
+            let _ = h.second.record(micros);
         }
     }
 
-    /// Prints a progress line every second to stderr until aborted.
+    /// Prints a progress line every second to stderr until aborted: that second's rate, p99 and max, and the
+    /// p99 so far.
     pub(crate) fn progress(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let tally = self.clone();
         tokio::spawn(async move {
@@ -155,11 +165,18 @@ impl Tally {
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let now = tally.records.load(Ordering::Relaxed);
-                let p99 = tally.histogram.lock().map(|h| h.value_at_quantile(0.99) as f64 / 1000.0).unwrap_or(0.0);
+                let ms = |micros: u64| micros as f64 / 1000.0;
+                let (p99, max, p99_so_far) = match tally.histogram.lock() {
+                    Ok(mut h) => {
+                        let second = (h.second.value_at_quantile(0.99), h.second.max());
+                        h.second.reset();
+                        (ms(second.0), ms(second.1), ms(h.all.value_at_quantile(0.99)))
+                    }
+                    Err(_) => (0.0, 0.0, 0.0),
+                };
                 eprintln!(
-                    "  {} msgs/s, p99 so far {:.2} ms, errors {}",
+                    "  {} msgs/s, p99 {p99:.2} ms, max {max:.2} ms (p99 so far {p99_so_far:.2} ms), errors {}",
                     now.saturating_sub(last),
-                    p99,
                     tally.errors.load(Ordering::Relaxed)
                 );
                 last = now;
@@ -169,7 +186,7 @@ impl Tally {
 
     pub(crate) fn report(&self, seconds: f64, latency_of: &'static str, servers: Option<ServerUsage>) -> Report {
         let records = self.records.load(Ordering::Relaxed);
-        let h = self.histogram.lock().map(|h| h.clone()).unwrap_or_else(|_| new_histogram());
+        let h = self.histogram.lock().map(|h| h.all.clone()).unwrap_or_else(|_| new_histogram());
         let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
         Report {
             records,
