@@ -34,9 +34,11 @@ pub fn broker_binary() -> anyhow::Result<std::path::PathBuf> {
 
 /// The worker threads each of `brokers` brokers on this machine gets: the machine's cores shared out, at
 /// least one each. Every broker defaults to one thread per core, so three of them on two cores run six
-/// threads that wake one another for every Raft round; with one each (same-sitting runs) the brokers spent
-/// 2-10% less CPU per message, B2 went 66-68 k -> 75 k msgs/s, and fixed-rate tails got longer (B6-20k
-/// p99 10-15 ms vs 7-9 ms): a broker whose one thread the OS preempts stalls whole.
+/// threads that wake one another for every Raft round. With one each (same-sitting runs) the brokers spent
+/// 2-10% less CPU per message and B2 went 66-68 k -> 75 k msgs/s, but fixed-rate tails got longer (B6-20k
+/// p99 10-15 ms vs 7-9 ms) while RocksDB's flushes ran at normal priority and could preempt a broker's one
+/// thread; with them at nice 19 the tails are alike (B6-20k p99 4.7-5.1 ms vs 4.9-5.3 ms) and one thread
+/// keeps a small edge in B2 and B7 (CPU per message and B7's p99.9, 18 ms vs 33-45 ms).
 pub fn worker_threads_per_broker(brokers: u64) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     shared_cores(cores, brokers)
