@@ -52,7 +52,7 @@ struct Args {
     /// (default 256MiB): a full disk stops a node's Raft groups until it restarts.
     #[arg(long, env = "FLOTILLA_MIN_FREE_BYTES")]
     min_free_bytes: Option<String>,
-    /// Threads that run the broker's tasks (default: one per core). Brokers sharing a machine each want a
+    /// Threads that run the broker's tasks (default: one per core, or TOKIO_WORKER_THREADS). Brokers sharing a machine each want a
     /// share of its cores, not all of them (`flotilla dev` divides them).
     #[arg(long, env = "FLOTILLA_WORKER_THREADS")]
     worker_threads: Option<usize>,
@@ -132,7 +132,7 @@ fn main() -> anyhow::Result<()> {
         None => {}
     }
     let runtime = runtime.enable_all().build()?;
-    tracing::info!(node = config.node_id, "running on {} worker threads", runtime.metrics().num_workers());
+    tracing::info!(node = config.node_id, "tokio worker threads: {}", runtime.metrics().num_workers());
     let result = runtime.block_on(flotilla_broker::server::run(config, shutdown_signal()));
     // After a storage failure a blocking task may still be stuck in the store: do not wait for it.
     runtime.shutdown_timeout(Duration::from_secs(5));

@@ -68,11 +68,11 @@ fn settings_come_from_the_config_file_and_flags_win() {
     assert!(!ok && err.contains("invalid config file"), "{err}");
 }
 
-#[test]
-fn a_raft_peer_route_to_a_node_outside_the_cluster_is_refused() {
+/// Runs node 1 of a two-node initial cluster with `extra` flags.
+fn node_1_with(extra: &[&str]) -> (bool, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("d");
-    let (ok, err) = broker(&[
+    let mut args = vec![
         "--node-id",
         "1",
         "--data-dir",
@@ -81,29 +81,21 @@ fn a_raft_peer_route_to_a_node_outside_the_cluster_is_refused() {
         "127.0.0.1:19401",
         "--initial-cluster",
         "1=127.0.0.1:19401,2=127.0.0.1:19402",
-        "--raft-peer-routes",
-        "3=127.0.0.1:19403",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    broker(&args)
+}
+
+#[test]
+fn a_raft_peer_route_to_a_node_outside_the_cluster_is_refused() {
+    let (ok, err) = node_1_with(&["--raft-peer-routes", "3=127.0.0.1:19403"]);
     assert!(!ok);
     assert!(err.contains("names node 3, which is not in the initial cluster"), "{err}");
 }
 
 #[test]
 fn zero_worker_threads_are_refused() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("d");
-    let (ok, err) = broker(&[
-        "--node-id",
-        "1",
-        "--data-dir",
-        data.to_str().expect("utf8"),
-        "--listen",
-        "127.0.0.1:19401",
-        "--initial-cluster",
-        "1=127.0.0.1:19401",
-        "--worker-threads",
-        "0",
-    ]);
+    let (ok, err) = node_1_with(&["--worker-threads", "0"]);
     assert!(!ok);
     assert!(err.contains("--worker-threads must be at least 1"), "{err}");
 }

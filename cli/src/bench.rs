@@ -132,7 +132,7 @@ struct Latencies {
 
 /// Counters shared by a benchmark's tasks.
 pub(crate) struct Tally {
-    histogram: Mutex<Latencies>,
+    latencies: Mutex<Latencies>,
     pub(crate) records: AtomicU64,
     pub(crate) bytes: AtomicU64,
     pub(crate) errors: AtomicU64,
@@ -141,7 +141,7 @@ pub(crate) struct Tally {
 impl Tally {
     pub(crate) fn new() -> Arc<Self> {
         Arc::new(Self {
-            histogram: Mutex::new(Latencies { all: new_histogram(), second: new_histogram() }),
+            latencies: Mutex::new(Latencies { all: new_histogram(), second: new_histogram() }),
             records: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             errors: AtomicU64::new(0),
@@ -149,7 +149,7 @@ impl Tally {
     }
 
     pub(crate) fn latency(&self, d: Duration) {
-        if let Ok(mut h) = self.histogram.lock() {
+        if let Ok(mut h) = self.latencies.lock() {
             let micros = (d.as_micros() as u64).clamp(1, 60_000_000);
             let _ = h.all.record(micros);
             let _ = h.second.record(micros);
@@ -166,7 +166,7 @@ impl Tally {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let now = tally.records.load(Ordering::Relaxed);
                 let ms = |micros: u64| micros as f64 / 1000.0;
-                let (p99, max, p99_so_far) = match tally.histogram.lock() {
+                let (p99, max, p99_so_far) = match tally.latencies.lock() {
                     Ok(mut h) => {
                         let second = (h.second.value_at_quantile(0.99), h.second.max());
                         h.second.reset();
@@ -186,7 +186,7 @@ impl Tally {
 
     pub(crate) fn report(&self, seconds: f64, latency_of: &'static str, servers: Option<ServerUsage>) -> Report {
         let records = self.records.load(Ordering::Relaxed);
-        let h = self.histogram.lock().map(|h| h.all.clone()).unwrap_or_else(|_| new_histogram());
+        let h = self.latencies.lock().map(|h| h.all.clone()).unwrap_or_else(|_| new_histogram());
         let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
         Report {
             records,

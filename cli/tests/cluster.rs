@@ -736,6 +736,7 @@ async fn flotilla_dev_serves_each_brokers_metrics_when_asked() {
         Command::new(flotilla_bin())
             .args(["dev", "--nodes", "2", "--base-port", &port.to_string()])
             .args(["--metrics-base-port", &metrics_port.to_string()])
+            .env("RUST_LOG", "info")
             .arg("--data-dir")
             .arg(dir.path())
             .stdout(Stdio::null())
@@ -749,7 +750,7 @@ async fn flotilla_dev_serves_each_brokers_metrics_when_asked() {
         })
         .await;
     }
-    let threads = format!("running on {} worker threads", flotilla_cli::worker_threads_per_broker(2));
+    let threads = format!("tokio worker threads: {}", flotilla_cli::worker_threads_per_broker(2));
     for id in [1, 2] {
         let log = std::fs::read_to_string(dir.path().join(format!("node-{id}.log"))).expect("read the node's log");
         assert!(log.contains(&threads), "node {id} should be {threads}:\n{log}");
