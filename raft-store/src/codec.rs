@@ -37,9 +37,17 @@ pub enum CodecError {
 
 /// Prefixes `body` with its CRC32C.
 pub fn seal(body: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(4 + body.len());
-    out.put_u32(crc32c::crc32c(body));
-    out.put_slice(body);
+    seal_written(body.len(), |out| out.put_slice(body))
+}
+
+/// A sealed value (`crc32c ++ body`) whose body `write` puts straight into the one buffer (about
+/// `body_len` bytes), so the body is written once and never copied behind its CRC.
+fn seal_written(body_len: usize, write: impl FnOnce(&mut BytesMut)) -> Bytes {
+    let mut out = BytesMut::with_capacity(4 + body_len);
+    out.put_u32(0);
+    write(&mut out);
+    let crc = crc32c::crc32c(&out[4..]);
+    out[..4].copy_from_slice(&crc.to_be_bytes());
     out.freeze()
 }
 
@@ -206,26 +214,22 @@ pub fn seal_entry(entry: &Entry) -> Bytes {
         EntryPayload::Normal(c) => c.0.len(),
         _ => 64,
     };
-    // One pass: the CRC's place first, then the body written once, then the CRC over it.
-    let mut out = BytesMut::with_capacity(4 + 18 + payload_len);
-    out.put_u32(0);
-    out.put_u8(ENTRY_VERSION);
-    out.put_u64(term_of(&entry.log_id));
-    out.put_u64(entry.log_id.index);
-    match &entry.payload {
-        EntryPayload::Blank => out.put_u8(KIND_BLANK),
-        EntryPayload::Normal(c) => {
-            out.put_u8(KIND_NORMAL);
-            out.put_slice(&c.0);
+    seal_written(18 + payload_len, |out| {
+        out.put_u8(ENTRY_VERSION);
+        out.put_u64(term_of(&entry.log_id));
+        out.put_u64(entry.log_id.index);
+        match &entry.payload {
+            EntryPayload::Blank => out.put_u8(KIND_BLANK),
+            EntryPayload::Normal(c) => {
+                out.put_u8(KIND_NORMAL);
+                out.put_slice(&c.0);
+            }
+            EntryPayload::Membership(m) => {
+                out.put_u8(KIND_MEMBERSHIP);
+                put_membership(out, m);
+            }
         }
-        EntryPayload::Membership(m) => {
-            out.put_u8(KIND_MEMBERSHIP);
-            put_membership(&mut out, m);
-        }
-    }
-    let crc = crc32c::crc32c(&out[4..]);
-    out[..4].copy_from_slice(&crc.to_be_bytes());
-    out.freeze()
+    })
 }
 
 /// Decodes an entry body; `expected_index` guards against an entry stored under the wrong key.
