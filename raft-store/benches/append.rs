@@ -35,7 +35,8 @@ async fn run_group(mut log: LogStore, entry_payload: Bytes, deadline: Instant) -
     loop {
         while pending.len() < IN_FLIGHT_PER_GROUP && Instant::now() < deadline {
             index += 1;
-            let entry = Entry::new_normal(log_id(1, index), flotilla_raft_store::types::Command(entry_payload.clone()));
+            let entry =
+                Entry::new_normal(log_id(1, index), flotilla_raft_store::types::Command::new(entry_payload.clone()));
             let (tx, rx) = TypeConfig::oneshot();
             let started = Instant::now();
             log.append([entry], IOFlushed::signal(tx)).await.expect("append");
@@ -72,7 +73,7 @@ async fn scenario(groups: u64, records_per_entry: usize, secs: u64) {
         })
         .collect();
     let batch = record_batch::build(&records, ProducerInfo::NONE);
-    let payload = encode_batches(&[batch]).0;
+    let payload = encode_batches(&[batch]).data().clone();
     let tail = TailBudget::new(64 << 20);
     let before = syncer.stats().snapshot();
     let started = Instant::now();

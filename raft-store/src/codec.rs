@@ -210,8 +210,13 @@ pub fn read_stored_membership(r: &mut Reader) -> Result<StoredMembership, CodecE
 
 /// Encodes an entry and seals it (`crc32c ++ body`, as [`seal`] would), copying its payload once.
 pub fn seal_entry(entry: &Entry) -> Bytes {
+    if let EntryPayload::Normal(c) = &entry.payload
+        && let Some(sealed) = c.sealed_as(&entry.log_id)
+    {
+        return sealed.clone();
+    }
     let payload_len = match &entry.payload {
-        EntryPayload::Normal(c) => c.0.len(),
+        EntryPayload::Normal(c) => c.data().len(),
         _ => 64,
     };
     seal_written(18 + payload_len, |out| {
@@ -222,7 +227,7 @@ pub fn seal_entry(entry: &Entry) -> Bytes {
             EntryPayload::Blank => out.put_u8(KIND_BLANK),
             EntryPayload::Normal(c) => {
                 out.put_u8(KIND_NORMAL);
-                out.put_slice(&c.0);
+                out.put_slice(c.data());
             }
             EntryPayload::Membership(m) => {
                 out.put_u8(KIND_MEMBERSHIP);
@@ -232,8 +237,37 @@ pub fn seal_entry(entry: &Entry) -> Bytes {
     })
 }
 
+/// Where a normal entry's payload starts in its sealed form: the CRC, then version, term, index and kind.
+const SEALED_PAYLOAD_AT: usize = 4 + 1 + 8 + 8 + 1;
+
+/// Seals an entry the log is about to store and returns it carrying its sealed form (its payload then a
+/// slice of that form, see [`Command`]), so sending it to followers later reuses these bytes.
+pub fn seal_owned(mut entry: Entry) -> (Entry, Bytes) {
+    let sealed = seal_entry(&entry);
+    let id = entry.log_id;
+    if let EntryPayload::Normal(c) = &mut entry.payload
+        && c.sealed_as(&id).is_none()
+    {
+        let data = sealed.slice(SEALED_PAYLOAD_AT..);
+        debug_assert_eq!(&data, c.data());
+        *c = Command::with_sealed(data, id, sealed.clone());
+    }
+    (entry, sealed)
+}
+
+/// Verifies and decodes a sealed entry (stored, or received from a leader); the entry carries `sealed` as
+/// its stored form, so storing or sending it again copies nothing.
+pub fn unseal_entry(sealed: &Bytes, expected_index: Option<u64>) -> Result<Entry, CodecError> {
+    let mut entry = decode_entry(unseal(sealed)?, expected_index)?;
+    let id = entry.log_id;
+    if let EntryPayload::Normal(c) = &mut entry.payload {
+        *c = Command::with_sealed(c.data().clone(), id, sealed.clone());
+    }
+    Ok(entry)
+}
+
 /// Decodes an entry body; `expected_index` guards against an entry stored under the wrong key.
-pub fn decode_entry(body: Bytes, expected_index: Option<u64>) -> Result<Entry, CodecError> {
+fn decode_entry(body: Bytes, expected_index: Option<u64>) -> Result<Entry, CodecError> {
     let mut r = Reader::new(body);
     let version = r.u8()?;
     if version != ENTRY_VERSION {
@@ -249,7 +283,7 @@ pub fn decode_entry(body: Bytes, expected_index: Option<u64>) -> Result<Entry, C
     let id = log_id(term, index);
     match r.u8()? {
         KIND_BLANK => Ok(Entry::new_blank(id)),
-        KIND_NORMAL => Ok(Entry::new_normal(id, Command(r.rest()))),
+        KIND_NORMAL => Ok(Entry::new_normal(id, Command::new(r.rest()))),
         KIND_MEMBERSHIP => Ok(Entry::new_membership(id, read_membership(&mut r)?)),
         v => Err(CodecError::Unknown { what: "entry kind", value: v }),
     }
@@ -289,7 +323,7 @@ mod tests {
     fn entries_round_trip_through_seal() {
         let entries = vec![
             Entry::new_blank(log_id(1, 1)),
-            Entry::new_normal(log_id(2, 7), Command(Bytes::from_static(b"payload"))),
+            Entry::new_normal(log_id(2, 7), Command::new(Bytes::from_static(b"payload"))),
             Entry::new_membership(log_id(3, 9), membership()),
         ];
         for e in entries {
@@ -300,8 +334,30 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_is_sealed_once_per_node() {
+        let fresh = Entry::new_normal(log_id(2, 7), Command::new(Bytes::from_static(b"payload")));
+        // The leader's log store seals it; the entry it keeps (cache, replication) carries those bytes.
+        let (stored, sealed) = seal_owned(fresh.clone());
+        assert_eq!(stored, fresh);
+        assert_eq!(sealed, seal_entry(&fresh), "the stored form is the entry's seal");
+        let sent = seal_entry(&stored);
+        assert_eq!(sent.as_ptr(), sealed.as_ptr(), "sending the stored entry sealed it again");
+        // A follower checks what it received and stores those very bytes.
+        let received = unseal_entry(&sent, Some(7)).expect("received");
+        assert_eq!(received, fresh);
+        let (_, stored_again) = seal_owned(received);
+        assert_eq!(stored_again.as_ptr(), sealed.as_ptr(), "the follower sealed the received entry again");
+        // The sealed form belongs to its log id: the same command under another id is sealed afresh.
+        let mut moved = stored.clone();
+        moved.log_id = log_id(3, 8);
+        let resealed = seal_entry(&moved);
+        assert_ne!(resealed, sealed);
+        assert_eq!(decode_entry(unseal(&resealed).expect("crc"), Some(8)).expect("decode"), moved);
+    }
+
+    #[test]
     fn any_flipped_bit_is_detected() {
-        let e = Entry::new_normal(log_id(2, 7), Command(Bytes::from_static(b"payload")));
+        let e = Entry::new_normal(log_id(2, 7), Command::new(Bytes::from_static(b"payload")));
         let sealed = seal_entry(&e);
         for at in 0..sealed.len() {
             let mut bad = sealed.to_vec();

@@ -84,7 +84,7 @@ struct LogInner {
 
 fn payload_len(e: &Entry) -> usize {
     match &e.payload {
-        EntryPayload::Normal(c) => c.0.len(),
+        EntryPayload::Normal(c) => c.data().len(),
         _ => 64,
     }
 }
@@ -256,9 +256,7 @@ impl LogStore {
 }
 
 fn decode_stored(group: GroupId, index: u64, sealed: &bytes::Bytes) -> Result<Entry, String> {
-    codec::unseal(sealed)
-        .and_then(|body| codec::decode_entry(body, Some(index)))
-        .map_err(|e| corrupt(group, &format!("log entry {index}"), e))
+    codec::unseal_entry(sealed, Some(index)).map_err(|e| corrupt(group, &format!("log entry {index}"), e))
 }
 
 impl LogShared {
@@ -485,11 +483,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         self.shared.check()?;
         let g = self.shared.group;
-        let entries: Vec<Entry> = entries.into_iter().collect();
         let mut batch = WriteBatch::new();
-        for e in &entries {
-            batch.put(Cf::Log, keys::group_u64(g, e.log_id.index), codec::seal_entry(e));
-        }
+        // Each entry keeps its sealed form (the tail cache's copy too), so replication sends these bytes.
+        let entries: Vec<Entry> = entries
+            .into_iter()
+            .map(|e| {
+                let (e, sealed) = codec::seal_owned(e);
+                batch.put(Cf::Log, keys::group_u64(g, e.log_id.index), sealed);
+                e
+            })
+            .collect();
         let bytes = batch.payload_bytes() as u64;
         {
             let mut inner = self.shared.lock();

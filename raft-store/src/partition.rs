@@ -89,7 +89,7 @@ pub fn read(sm: &SmShared, offset: u64, max_bytes: usize) -> Result<(Vec<Fetched
                 ))
                 .into());
             };
-            let batches = decode_batches(&command.0).map_err(|e| {
+            let batches = decode_batches(command.data()).map_err(|e| {
                 io::Error::other(format!("group {}: entry {} is malformed: {e}", sm.log().group(), row.raft_index))
             })?;
             let epoch = i32::try_from(term_of(&entry.log_id)).unwrap_or(i32::MAX);

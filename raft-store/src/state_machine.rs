@@ -120,7 +120,7 @@ pub fn encode_batches(batches: &[Bytes]) -> Command {
     for b in batches {
         codec::put_len_prefixed(&mut out, b);
     }
-    Command(out.freeze())
+    Command::new(out.freeze())
 }
 
 /// Splits a log-mode command into its batches (zero-copy slices).
@@ -166,7 +166,7 @@ impl KvCommand {
     pub fn encode(&self) -> Command {
         let mut out = BytesMut::new();
         self.encode_into(&mut out);
-        Command(out.freeze())
+        Command::new(out.freeze())
     }
 
     fn encode_into(&self, out: &mut BytesMut) {
@@ -580,7 +580,7 @@ impl SmShared {
     }
 
     fn apply_log_payload(inner: &mut SmInner, batch: &mut WriteBatch, index: u64, command: &Command) -> Response {
-        let batches = match decode_batches(&command.0) {
+        let batches = match decode_batches(command.data()) {
             Ok(b) if !b.is_empty() => b,
             Ok(_) => return Response::Rejected("empty append".into()),
             Err(e) => return Response::Rejected(format!("malformed append: {e}")),
@@ -614,7 +614,7 @@ impl SmShared {
     }
 
     fn apply_kv(inner: &mut SmInner, command: &Command) -> Response {
-        match KvCommand::decode(&command.0) {
+        match KvCommand::decode(command.data()) {
             Ok(KvCommand::Put { key, value }) => Response::Kv(inner.kv.insert(key, value)),
             Ok(KvCommand::Delete { key }) => Response::Kv(inner.kv.remove(&key)),
             Ok(KvCommand::Guarded { guards, ops }) => {
@@ -864,7 +864,7 @@ mod tests {
             },
         ];
         for c in cmds {
-            let encoded = c.encode().0;
+            let encoded = c.encode().data().clone();
             assert_eq!(KvCommand::decode(&encoded).expect("decode"), c);
             for len in 0..encoded.len() {
                 assert!(KvCommand::decode(&encoded.slice(..len)).is_err(), "prefix {len} decoded");
@@ -876,7 +876,7 @@ mod tests {
     #[test]
     fn batches_round_trip() {
         let batches = vec![Bytes::from_static(b"one"), Bytes::from_static(b""), Bytes::from_static(b"three")];
-        assert_eq!(decode_batches(&encode_batches(&batches).0).expect("decode"), batches);
+        assert_eq!(decode_batches(encode_batches(&batches).data()).expect("decode"), batches);
         assert!(decode_batches(&Bytes::from_static(&[0, 0, 0, 2, 0, 0, 0, 9])).is_err());
     }
 }

@@ -100,8 +100,7 @@ fn from_pb_append(req: pb::AppendRequest) -> Result<AppendEntriesRequest<TypeCon
         .entries
         .iter()
         .map(|sealed| {
-            codec::unseal(sealed)
-                .and_then(|body| codec::decode_entry(body, None))
+            codec::unseal_entry(sealed, None)
                 .map_err(|e| Status::data_loss(format!("group {}: received entry is corrupt: {e}", req.group_id)))
         })
         .collect::<Result<Vec<Entry>, Status>>()?;

@@ -45,13 +45,52 @@ pub fn term_of(log_id: &LogId) -> u64 {
 }
 
 /// An opaque application command. Its meaning belongs to the group's state machine: in log mode a list of
-/// RecordBatches ([`crate::log_sm::encode_batches`]), in kv mode a [`crate::kv_sm::KvCommand`].
-#[derive(Clone, PartialEq, Eq)]
-pub struct Command(pub Bytes);
+/// RecordBatches ([`crate::state_machine::encode_batches`]), in kv mode a [`crate::state_machine::KvCommand`].
+///
+/// A command may also carry its entry's stored form (`codec::seal_entry`: CRC, header, then these same
+/// bytes) and the log id it was sealed under, so the one sealing on the leader serves its own disk and every
+/// follower's wire, and a follower stores the bytes it received and checked: each entry is copied and
+/// checksummed once per node instead of once per disk write and per send. The data is then a slice of that
+/// sealed buffer, so carrying both costs no memory. Equality looks at the data only.
+#[derive(Clone)]
+pub struct Command {
+    data: Bytes,
+    sealed: Option<(LogId, Bytes)>,
+}
+
+impl Command {
+    pub fn new(data: Bytes) -> Self {
+        Self { data, sealed: None }
+    }
+
+    /// The command's bytes.
+    pub fn data(&self) -> &Bytes {
+        &self.data
+    }
+
+    /// A command read back from `sealed`, the stored form of its entry with id `log_id`; `data` is the
+    /// slice of `sealed` that holds it.
+    pub(crate) fn with_sealed(data: Bytes, log_id: LogId, sealed: Bytes) -> Self {
+        Self { data, sealed: Some((log_id, sealed)) }
+    }
+
+    /// The stored form of this command's entry, if it was sealed under `log_id`.
+    pub(crate) fn sealed_as(&self, log_id: &LogId) -> Option<&Bytes> {
+        self.sealed.as_ref().filter(|(id, _)| id == log_id).map(|(_, sealed)| sealed)
+    }
+}
+
+impl PartialEq for Command {
+    fn eq(&self, other: &Self) -> bool {
+        self.data == other.data
+    }
+}
+
+impl Eq for Command {}
 
 impl fmt::Debug for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Command({} bytes)", self.0.len())
+        write!(f, "Command({} bytes)", self.data.len())
     }
 }
 

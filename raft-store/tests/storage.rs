@@ -79,7 +79,7 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 fn data_entry(term: u64, index: u64) -> Entry {
-    Entry::new_normal(log_id(term, index), Command(Bytes::from(format!("entry {index}"))))
+    Entry::new_normal(log_id(term, index), Command::new(Bytes::from(format!("entry {index}"))))
 }
 
 #[tokio::test]
@@ -246,7 +246,7 @@ async fn groups_share_the_tail_cache_budget_and_entries_past_it_are_read_from_th
     let syncer = WalSyncer::start(engine.clone());
     let budget = TailBudget::new(64 << 10);
     let value = Bytes::from(vec![7u8; 1000]);
-    let entry = |i: u64| Entry::new_normal(log_id(1, i), Command(value.clone()));
+    let entry = |i: u64| Entry::new_normal(log_id(1, i), Command::new(value.clone()));
     let mut logs = Vec::new();
     for group in 1..=4 {
         logs.push(
@@ -274,7 +274,7 @@ async fn replication_reads_stop_at_their_byte_limit_from_the_engine_and_from_the
     let engine: Arc<dyn Engine> = Arc::new(MemEngine::new());
     let syncer = WalSyncer::start(engine.clone());
     let value = Bytes::from(vec![7u8; 1000]);
-    let entry = |i: u64| Entry::new_normal(log_id(1, i), Command(value.clone()));
+    let entry = |i: u64| Entry::new_normal(log_id(1, i), Command::new(value.clone()));
     // A 64 KB cache: the newest ~64 entries come from it, the older ones from the engine.
     let mut log = LogStore::open(1, engine.clone(), syncer.clone(), TailBudget::new(64 << 10), CommittedSync::Durable)
         .expect("log");
@@ -296,7 +296,7 @@ async fn replication_reads_stop_at_their_byte_limit_from_the_engine_and_from_the
     // Large entries: one AppendEntries carries about APPEND_BYTES_MAX, and a single entry larger than
     // that goes alone.
     let mut big = LogStore::open(2, engine, syncer, TailBudget::new(64 << 10), CommittedSync::Durable).expect("log");
-    let sized = |i: u64, bytes: usize| Entry::new_normal(log_id(1, i), Command(Bytes::from(vec![1u8; bytes])));
+    let sized = |i: u64, bytes: usize| Entry::new_normal(log_id(1, i), Command::new(Bytes::from(vec![1u8; bytes])));
     let limit = flotilla_raft_store::log_store::APPEND_BYTES_MAX;
     big.blocking_append([sized(1, limit + 1), sized(2, 10), sized(3, limit / 2), sized(4, limit / 2), sized(5, 10)])
         .await
