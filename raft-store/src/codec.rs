@@ -4,6 +4,10 @@
 //! found on read instead of being served. An entry body is `[version: u8][term: u64][index: u64][kind: u8]
 //! [payload]`; the index is stored although the key holds it too, so an entry found under the wrong key is
 //! caught as well. Integers are big-endian.
+//!
+//! A data entry read or received in sealed form keeps those bytes and is stored and sent on as they are
+//! (see `types::Command`), at the version they were written in: a new `ENTRY_VERSION` must leave the old
+//! one decodable.
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -1209,6 +1209,22 @@ impl<L: GroupLookup> RaftTransport for RaftTransportService<L> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use openraft::entry::RaftEntry;
+
+    #[test]
+    fn a_received_entry_is_stored_as_the_bytes_that_came_over_the_wire() {
+        let entries = vec![
+            Entry::new_normal(log_id(2, 7), crate::types::Command::new(Bytes::from_static(b"records"))),
+            Entry::new_normal(log_id(2, 8), crate::types::Command::new(Bytes::from_static(b"more"))),
+        ];
+        let req = AppendEntriesRequest { vote: Vote::new(2, 1), prev_log_id: None, entries, leader_commit: None };
+        let wire = pb_append(5, &req);
+        let received = from_pb_append(wire.clone()).expect("decoded");
+        assert_eq!(received.entries, req.entries);
+        for (entry, sent) in received.entries.iter().zip(&wire.entries) {
+            assert_eq!(codec::seal_entry(entry).as_ptr(), sent.as_ptr(), "entry {} sealed again", entry.log_id);
+        }
+    }
 
     /// A node that hosts no group: every heartbeat it gets is for a group it does not know.
     struct NoGroups;

@@ -49,8 +49,8 @@ pub fn term_of(log_id: &LogId) -> u64 {
 ///
 /// A command may also carry its entry's stored form (`codec::seal_entry`: CRC, header, then these same
 /// bytes) and the log id it was sealed under, so the one sealing on the leader serves its own disk and every
-/// follower's wire, and a follower stores the bytes it received and checked: each entry is copied and
-/// checksummed once per node instead of once per disk write and per send. The data is then a slice of that
+/// follower's wire, and a follower stores the bytes it received and checked: a data entry is sealed once
+/// per node instead of once per disk write and per send. The data is then a slice of that
 /// sealed buffer, so carrying both costs no memory. Equality looks at the data only.
 #[derive(Clone)]
 pub struct Command {

@@ -13,6 +13,7 @@ use openraft::type_config::TypeConfigExt;
 use openraft::{ErrorSubject, ErrorVerb, RaftLogReader, StorageError};
 use tempfile::TempDir;
 
+use flotilla_raft_store::codec::seal_entry;
 use flotilla_raft_store::engine::{Cf, Engine, MemEngine, RocksConfig, RocksEngine};
 use flotilla_raft_store::keys;
 use flotilla_raft_store::log_store::{CommittedSync, LogStore, TailBudget};
@@ -267,6 +268,26 @@ async fn groups_share_the_tail_cache_budget_and_entries_past_it_are_read_from_th
     let before = budget.used();
     drop(logs.pop());
     assert!(budget.used() < before, "{} after dropping a group, {before} before", budget.used());
+}
+
+#[tokio::test]
+async fn entries_read_for_replication_carry_the_bytes_the_log_stored() {
+    let engine: Arc<dyn Engine> = Arc::new(MemEngine::new());
+    let syncer = WalSyncer::start(engine.clone());
+    let value = Bytes::from(vec![7u8; 1000]);
+    let entry = |i: u64| Entry::new_normal(log_id(1, i), Command::new(value.clone()));
+    // A 64 KB cache: the newest entries are read from it, the older ones from the engine.
+    let mut log =
+        LogStore::open(1, engine.clone(), syncer, TailBudget::new(64 << 10), CommittedSync::Durable).expect("log");
+    log.blocking_append((1..=200).map(entry)).await.expect("append");
+    let read = log.limited_get_log_entries(1, 201).await.expect("read");
+    assert_eq!(read, (1..=200).map(entry).collect::<Vec<_>>());
+    for e in &read {
+        let sent = seal_entry(e);
+        let stored = engine.get(Cf::Log, &keys::group_u64(1, e.log_id.index)).expect("get").expect("stored");
+        assert_eq!(sent, stored, "entry {}", e.log_id.index);
+        assert_eq!(seal_entry(e).as_ptr(), sent.as_ptr(), "entry {} is sealed anew for every send", e.log_id.index);
+    }
 }
 
 #[tokio::test]

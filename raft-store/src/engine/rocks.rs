@@ -75,6 +75,20 @@ fn cf_options(cf: Cf, cache: &Cache) -> Options {
 }
 
 impl RocksEngine {
+    /// `batch` as RocksDB's WriteBatch, sized up front: growing its buffer would copy every value already
+    /// in it again.
+    fn rocks_batch(&self, batch: &WriteBatch) -> Result<rocksdb::WriteBatch, EngineError> {
+        let mut wb = rocksdb::WriteBatch::with_capacity_bytes(batch_capacity(batch));
+        for op in batch.ops() {
+            match op {
+                Op::Put { cf, key, value } => wb.put_cf(self.handle(*cf)?, key, value),
+                Op::Delete { cf, key } => wb.delete_cf(self.handle(*cf)?, key),
+                Op::DeleteRange { cf, from, to } => wb.delete_range_cf(self.handle(*cf)?, from, to),
+            }
+        }
+        Ok(wb)
+    }
+
     /// Opens (creating if missing) the node's database at `path`.
     pub fn open(path: impl AsRef<Path>, config: &RocksConfig) -> Result<Self, EngineError> {
         let path = path.as_ref().to_path_buf();
@@ -138,15 +152,7 @@ fn batch_capacity(batch: &WriteBatch) -> usize {
 
 impl Engine for RocksEngine {
     fn write(&self, batch: WriteBatch) -> Result<(), EngineError> {
-        // Sized up front: growing the batch's buffer would copy every value already in it again.
-        let mut wb = rocksdb::WriteBatch::with_capacity_bytes(batch_capacity(&batch));
-        for op in batch.ops() {
-            match op {
-                Op::Put { cf, key, value } => wb.put_cf(self.handle(*cf)?, key, value),
-                Op::Delete { cf, key } => wb.delete_cf(self.handle(*cf)?, key),
-                Op::DeleteRange { cf, from, to } => wb.delete_range_cf(self.handle(*cf)?, from, to),
-            }
-        }
+        let wb = self.rocks_batch(&batch)?;
         let mut wo = WriteOptions::default();
         wo.set_sync(false);
         self.db.write_opt(wb, &wo).map_err(backend)
@@ -221,6 +227,19 @@ impl Engine for RocksEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_write_batch_is_sized_for_everything_it_holds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = RocksEngine::open(dir.path(), &RocksConfig::default()).expect("open");
+        let mut b = WriteBatch::new();
+        b.put(Cf::Log, vec![1; 16], Bytes::from(vec![7u8; 300]));
+        b.put(Cf::RaftMeta, vec![2; 9], Bytes::from_static(b"vote"));
+        b.delete(Cf::OffsetIdx, vec![3; 16]);
+        b.delete_range(Cf::Log, vec![0; 16], vec![1; 16]);
+        let wb = e.rocks_batch(&b).expect("batch");
+        assert!(wb.size_in_bytes() <= batch_capacity(&b), "{} > {}", wb.size_in_bytes(), batch_capacity(&b));
+    }
 
     #[test]
     fn synced_writes_survive_reopen() {
