@@ -270,18 +270,26 @@ async fn groups_share_the_tail_cache_budget_and_entries_past_it_are_read_from_th
     assert!(budget.used() < before, "{} after dropping a group, {before} before", budget.used());
 }
 
+/// A 1,000-byte data entry of term 1.
+fn kb_entry(index: u64) -> Entry {
+    Entry::new_normal(log_id(1, index), Command::new(Bytes::from(vec![7u8; 1000])))
+}
+
+/// Group 1's log holding `kb_entry` 1 to 200 behind a 64 KB tail cache: the newest ~64 entries are read
+/// from the cache, the older ones from the engine.
+async fn log_of_200_kb_entries(engine: &Arc<dyn Engine>, syncer: &WalSyncer) -> LogStore {
+    let mut log = LogStore::open(1, engine.clone(), syncer.clone(), TailBudget::new(64 << 10), CommittedSync::Durable)
+        .expect("log");
+    log.blocking_append((1..=200).map(kb_entry)).await.expect("append");
+    log
+}
+
 #[tokio::test]
 async fn entries_read_for_replication_carry_the_bytes_the_log_stored() {
     let engine: Arc<dyn Engine> = Arc::new(MemEngine::new());
-    let syncer = WalSyncer::start(engine.clone());
-    let value = Bytes::from(vec![7u8; 1000]);
-    let entry = |i: u64| Entry::new_normal(log_id(1, i), Command::new(value.clone()));
-    // A 64 KB cache: the newest entries are read from it, the older ones from the engine.
-    let mut log =
-        LogStore::open(1, engine.clone(), syncer, TailBudget::new(64 << 10), CommittedSync::Durable).expect("log");
-    log.blocking_append((1..=200).map(entry)).await.expect("append");
+    let mut log = log_of_200_kb_entries(&engine, &WalSyncer::start(engine.clone())).await;
     let read = log.limited_get_log_entries(1, 201).await.expect("read");
-    assert_eq!(read, (1..=200).map(entry).collect::<Vec<_>>());
+    assert_eq!(read, (1..=200).map(kb_entry).collect::<Vec<_>>());
     for e in &read {
         let sent = seal_entry(e);
         let stored = engine.get(Cf::Log, &keys::group_u64(1, e.log_id.index)).expect("get").expect("stored");
@@ -294,12 +302,7 @@ async fn entries_read_for_replication_carry_the_bytes_the_log_stored() {
 async fn replication_reads_stop_at_their_byte_limit_from_the_engine_and_from_the_cache() {
     let engine: Arc<dyn Engine> = Arc::new(MemEngine::new());
     let syncer = WalSyncer::start(engine.clone());
-    let value = Bytes::from(vec![7u8; 1000]);
-    let entry = |i: u64| Entry::new_normal(log_id(1, i), Command::new(value.clone()));
-    // A 64 KB cache: the newest ~64 entries come from it, the older ones from the engine.
-    let mut log = LogStore::open(1, engine.clone(), syncer.clone(), TailBudget::new(64 << 10), CommittedSync::Durable)
-        .expect("log");
-    log.blocking_append((1..=200).map(entry)).await.expect("append");
+    let mut log = log_of_200_kb_entries(&engine, &syncer).await;
     let indexes = |entries: Vec<Entry>| entries.iter().map(|e| e.log_id.index).collect::<Vec<_>>();
     let shared = log.shared().clone();
     // From the engine: the entry that reaches the limit is the last one.
@@ -312,7 +315,7 @@ async fn replication_reads_stop_at_their_byte_limit_from_the_engine_and_from_the
     // Never empty, however small the limit.
     assert_eq!(indexes(shared.entries_limited(5, 201, 1).expect("read")), vec![5]);
     // Replication's reads: everything while it is small.
-    assert_eq!(log.limited_get_log_entries(1, 201).await.expect("read"), (1..=200).map(entry).collect::<Vec<_>>());
+    assert_eq!(log.limited_get_log_entries(1, 201).await.expect("read"), (1..=200).map(kb_entry).collect::<Vec<_>>());
 
     // Large entries: one AppendEntries carries about APPEND_BYTES_MAX, and a single entry larger than
     // that goes alone.
