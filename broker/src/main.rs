@@ -52,8 +52,8 @@ struct Args {
     /// (default 256MiB): a full disk stops a node's Raft groups until it restarts.
     #[arg(long, env = "FLOTILLA_MIN_FREE_BYTES")]
     min_free_bytes: Option<String>,
-    /// Threads that run the broker's tasks (default: one per core, or TOKIO_WORKER_THREADS). Brokers sharing a machine each want a
-    /// share of its cores, not all of them (`flotilla dev` divides them).
+    /// Threads that run the broker's tasks (default: one per core, or TOKIO_WORKER_THREADS). Brokers
+    /// sharing a machine each want a share of its cores, not all of them (`flotilla dev` divides them).
     #[arg(long, env = "FLOTILLA_WORKER_THREADS")]
     worker_threads: Option<usize>,
 }

@@ -246,8 +246,6 @@ async fn groups_share_the_tail_cache_budget_and_entries_past_it_are_read_from_th
     let engine: Arc<dyn Engine> = Arc::new(MemEngine::new());
     let syncer = WalSyncer::start(engine.clone());
     let budget = TailBudget::new(64 << 10);
-    let value = Bytes::from(vec![7u8; 1000]);
-    let entry = |i: u64| Entry::new_normal(log_id(1, i), Command::new(value.clone()));
     let mut logs = Vec::new();
     for group in 1..=4 {
         logs.push(
@@ -255,14 +253,14 @@ async fn groups_share_the_tail_cache_budget_and_entries_past_it_are_read_from_th
         );
     }
     for log in &mut logs {
-        log.blocking_append((1..=200).map(entry)).await.expect("append");
+        log.blocking_append((1..=200).map(kb_entry)).await.expect("append");
     }
     // Four groups of 200 KB each against a 64 KB budget: each keeps at most its quarter.
     assert!(budget.used() <= budget.cap(), "cached {} of a {} budget", budget.used(), budget.cap());
     assert!(budget.used() >= budget.cap() / 2, "the budget is used, not starved: {}", budget.used());
     for log in &mut logs {
         let all = log.try_get_log_entries(1..201).await.expect("read");
-        assert_eq!(all, (1..=200).map(entry).collect::<Vec<_>>(), "evicted entries come from the engine");
+        assert_eq!(all, (1..=200).map(kb_entry).collect::<Vec<_>>(), "evicted entries come from the engine");
     }
     // A dropped group hands its bytes back.
     let before = budget.used();
