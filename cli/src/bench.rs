@@ -237,7 +237,7 @@ pub async fn produce(client: Arc<Client>, bench: ProduceBench, servers: Option<&
     let start = Instant::now();
     let measure_from = start + bench.warmup;
     let end = measure_from + bench.duration;
-    let meter = Brokers::meter(servers);
+    let meter = Brokers::meter_window(servers, measure_from, end);
     let progress = tally.progress();
     let window = Window { measure_from, end };
     let tasks: Vec<tokio::task::JoinHandle<()>> = match bench.linger {
@@ -289,7 +289,7 @@ pub async fn produce(client: Arc<Client>, bench: ProduceBench, servers: Option<&
         let _ = t.await;
     }
     progress.abort();
-    let usage = meter.map(Meter::usage);
+    let usage = Meter::window_usage(meter).await;
     Ok(tally.report(bench.duration.as_secs_f64(), "ack", usage))
 }
 
@@ -557,7 +557,7 @@ pub async fn e2e(client: Arc<Client>, bench: ProduceBench, servers: Option<&Brok
             }
         }));
     }
-    let meter = Brokers::meter(servers);
+    let meter = Brokers::meter_window(servers, start + bench.warmup, end);
     let progress = tally.progress();
     // producers x in_flight senders, each on its share of the rate, so a slow acknowledgement does not hold
     // the next record back (its intended time stays on schedule).
@@ -597,12 +597,13 @@ pub async fn e2e(client: Arc<Client>, bench: ProduceBench, servers: Option<&Brok
         let _ = c.await;
     }
     progress.abort();
-    let usage = meter.map(Meter::usage);
+    let usage = Meter::window_usage(meter).await;
     Ok(tally.report(bench.duration.as_secs_f64(), "end-to-end", usage))
 }
 
 /// Broker processes whose CPU time and memory a benchmark reports: those `flotilla dev` recorded in its
 /// data directory (`dev.pids`).
+#[derive(Clone)]
 pub struct Brokers {
     pids: Vec<u32>,
 }
@@ -626,9 +627,30 @@ impl Brokers {
         brokers.map(|b| Meter { brokers: b, cpu_at_start: b.cpu_seconds() })
     }
 
+    /// Measures the brokers' CPU time over a benchmark's measured window, `from` to `to`, if they are
+    /// known. The records a run counts are those sent and answered inside the window, so the CPU charged
+    /// to them leaves out the warm-up (topic creation, connections) and the drain of requests still out
+    /// at its end.
+    fn meter_window(
+        brokers: Option<&Brokers>,
+        from: Instant,
+        to: Instant,
+    ) -> Option<tokio::task::JoinHandle<ServerUsage>> {
+        let brokers = brokers?.clone();
+        Some(tokio::spawn(async move {
+            let cpu_seconds = cpu_over(from, to, || brokers.cpu_seconds()).await;
+            ServerUsage { cpu_seconds, peak_rss_mb: brokers.peak_rss_mb() }
+        }))
+    }
+
     /// Total CPU seconds of the brokers so far.
     fn cpu_seconds(&self) -> f64 {
         self.pids.iter().filter_map(|p| cpu_seconds(*p)).sum()
+    }
+
+    /// The largest broker's peak resident memory so far, in MB.
+    fn peak_rss_mb(&self) -> f64 {
+        self.pids.iter().filter_map(|p| peak_rss_kb(*p)).fold(0.0, f64::max) / 1024.0
     }
 }
 
@@ -639,10 +661,25 @@ struct Meter<'a> {
 }
 
 impl Meter<'_> {
-    fn usage(self) -> ServerUsage {
-        let peak: f64 = self.brokers.pids.iter().filter_map(|p| peak_rss_kb(*p)).fold(0.0, f64::max);
-        ServerUsage { cpu_seconds: self.brokers.cpu_seconds() - self.cpu_at_start, peak_rss_mb: peak / 1024.0 }
+    /// What a [`Brokers::meter_window`] task measured (`None` if it could not finish).
+    async fn window_usage(meter: Option<tokio::task::JoinHandle<ServerUsage>>) -> Option<ServerUsage> {
+        meter?.await.ok()
     }
+
+    fn usage(self) -> ServerUsage {
+        ServerUsage {
+            cpu_seconds: self.brokers.cpu_seconds() - self.cpu_at_start,
+            peak_rss_mb: self.brokers.peak_rss_mb(),
+        }
+    }
+}
+
+/// The CPU seconds `cpu` counts from `from` to `to`: sampled as the window opens and as it closes.
+async fn cpu_over(from: Instant, to: Instant, cpu: impl Fn() -> f64) -> f64 {
+    tokio::time::sleep_until(from.into()).await;
+    let at_start = cpu();
+    tokio::time::sleep_until(to.into()).await;
+    cpu() - at_start
 }
 
 /// Where `flotilla dev` records its brokers' pids.
@@ -826,6 +863,21 @@ mod tests {
         let pid = std::process::id();
         assert!(cpu_seconds(pid).is_some_and(|s| s >= 0.0));
         assert!(peak_rss_kb(pid).is_some_and(|kb| kb > 0.0));
+    }
+
+    #[tokio::test]
+    async fn broker_cpu_is_charged_over_the_measured_window_only() {
+        // A CPU clock that reads 1 s per 10 ms of wall time since the run began: what it counts before the
+        // window opens (the warm-up) must not reach the total.
+        let began = Instant::now();
+        let cpu = move || began.elapsed().as_secs_f64() * 100.0;
+        let (from, to) = (began + Duration::from_millis(200), began + Duration::from_millis(300));
+        let seconds = cpu_over(from, to, cpu).await;
+        assert!(Instant::now() >= to);
+        // Sampled no earlier than the window's opening: the 200 ms of warm-up before it (20 s on this
+        // clock) are left out, however late either sample comes.
+        let whole_run = began.elapsed().as_secs_f64() * 100.0;
+        assert!(seconds > 0.0 && seconds <= whole_run - 19.9, "{seconds} of {whole_run}");
     }
 
     #[test]
