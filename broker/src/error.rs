@@ -76,6 +76,25 @@ impl BrokerError {
         let leader = status.metadata().get(LEADER_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned);
         Self { code, message: status.message().to_owned(), leader }
     }
+
+    /// [`BrokerError::from_status`] for a call to the broker at `addr`. A failure of the connection
+    /// itself (a status tonic made from a transport error, which carries its causes) names the broker and
+    /// the root cause beneath tonic's summary: "127.0.0.1:9092: tcp connect error: Connection refused (os
+    /// error 111)" rather than "tcp connect error".
+    pub fn from_call(addr: &str, status: &Status) -> Self {
+        let mut e = Self::from_status(status);
+        let Some(mut root) = std::error::Error::source(status) else { return e };
+        while let Some(deeper) = root.source() {
+            root = deeper;
+        }
+        let why = root.to_string();
+        e.message = if e.message.contains(&why) {
+            format!("{addr}: {}", e.message)
+        } else {
+            format!("{addr}: {}: {why}", e.message)
+        };
+        e
+    }
 }
 
 impl From<BrokerError> for pb::ProduceError {
@@ -121,6 +140,26 @@ mod tests {
         let status = Status::from(BrokerError::new(ErrorCode::UnknownTopic, "unknown topic \"x\""));
         assert_eq!(status.code(), Code::NotFound);
         assert_eq!(BrokerError::from_status(&status).code, ErrorCode::UnknownTopic);
+    }
+
+    #[tokio::test]
+    async fn a_failed_connection_names_the_broker_and_the_cause() {
+        // A port nothing listens on: bind one, then close it.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").to_string();
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}")).expect("endpoint").connect_lazy();
+        let mut client = pb::flotilla_client::FlotillaClient::new(channel);
+        let status =
+            client.metadata(pb::MetadataRequest { forwarded: false }).await.expect_err("a closed port answered");
+        let e = BrokerError::from_call(&addr, &status);
+        // Nothing was sent: retriable, and it says where and why.
+        assert_eq!(e.code, ErrorCode::LeaderNotAvailable, "{e}");
+        assert!(e.message.starts_with(&format!("{addr}: ")), "{e}");
+        assert!(e.message.to_lowercase().contains("refused"), "{e}");
+        assert_eq!(e.message.matches("tcp connect error").count(), 1, "{e}");
+        // A broker's own error carries no transport cause and reads as it was sent.
+        let own = Status::from(BrokerError::new(ErrorCode::UnknownTopic, "unknown topic \"x\""));
+        assert_eq!(BrokerError::from_call(&addr, &own).message, "unknown topic \"x\"");
     }
 
     #[test]

@@ -59,7 +59,7 @@ impl Pipe {
             let why = match client.produce_stream(UnboundedReceiverStream::new(queued)).await {
                 Ok(replies) => Self::deliver(replies.into_inner(), &waiting).await,
                 Err(status) => {
-                    let e = BrokerError::from_status(&status);
+                    let e = BrokerError::from_call(&addr, &status);
                     // Opening a stream writes nothing: whatever failed, no request was served.
                     if e.code == ErrorCode::Timeout { not_sent(&addr, &e.message) } else { e }
                 }

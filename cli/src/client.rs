@@ -109,7 +109,7 @@ impl Client {
     {
         self.retrying_at(key, first, |addr| {
             let call = self.channel(&addr).map(&mut call);
-            async move { call?.await.map_err(|s| BrokerError::from_status(&s)) }
+            async move { call?.await.map_err(|s| BrokerError::from_call(&addr, &s)) }
         })
         .await
     }
@@ -368,7 +368,7 @@ impl Client {
     pub async fn local_view(&self, addr: &str, topic: &str) -> Result<pb::TopicInfo, BrokerError> {
         let req = pb::DescribeTopicRequest { name: topic.to_owned(), forwarded: true };
         let mut c = self.channel(addr)?;
-        c.describe_topic(req).await.map(|r| r.into_inner()).map_err(|s| BrokerError::from_status(&s))
+        c.describe_topic(req).await.map(|r| r.into_inner()).map_err(|s| BrokerError::from_call(addr, &s))
     }
 
     /// The replica of a partition held by the broker at `addr`, from `offset`, up to what it has applied.
@@ -383,7 +383,7 @@ impl Client {
     ) -> Result<pb::FetchResponse, BrokerError> {
         let req = pb::ReadReplicaRequest { topic: topic.to_owned(), partition, offset, max_bytes };
         let mut c = self.channel(addr)?;
-        c.read_replica(req).await.map(|r| r.into_inner()).map_err(|s| BrokerError::from_status(&s))
+        c.read_replica(req).await.map(|r| r.into_inner()).map_err(|s| BrokerError::from_call(addr, &s))
     }
 }
 
