@@ -26,7 +26,10 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 /// Payload bytes packed into one entry (a single larger request still goes alone).
 pub const ENTRY_BYTES_MAX: usize = 1 << 20;
-/// Entries of one partition proposed and not yet committed.
+/// Entries of one partition proposed and not yet committed. Fewer would pack more requests into each
+/// entry, but the pipeline would drain between entries: with 1, B2 fell from 61-69 k to 46-51 k msgs/s
+/// and B7 from 32-36 k to 22-28 k, and fixed-rate shapes saved only 3-6% of broker CPU per message; 2
+/// sat between (same sitting, 2 rounds each).
 pub const ENTRIES_IN_FLIGHT_MAX: usize = 4;
 
 /// Why a proposal did not get offsets.
