@@ -289,7 +289,7 @@ pub async fn produce(client: Arc<Client>, bench: ProduceBench, servers: Option<&
         let _ = t.await;
     }
     progress.abort();
-    let usage = Meter::window_usage(meter).await;
+    let usage = meter.await;
     Ok(tally.report(bench.duration.as_secs_f64(), "ack", usage))
 }
 
@@ -597,7 +597,7 @@ pub async fn e2e(client: Arc<Client>, bench: ProduceBench, servers: Option<&Brok
         let _ = c.await;
     }
     progress.abort();
-    let usage = Meter::window_usage(meter).await;
+    let usage = meter.await;
     Ok(tally.report(bench.duration.as_secs_f64(), "end-to-end", usage))
 }
 
@@ -628,19 +628,22 @@ impl Brokers {
     }
 
     /// Measures the brokers' CPU time over a benchmark's measured window, `from` to `to`, if they are
-    /// known. The records a run counts are those sent and answered inside the window, so the CPU charged
-    /// to them leaves out the warm-up (topic creation, connections) and the drain of requests still out
-    /// at its end.
+    /// known; await the result once the run is over. The records a run counts are those sent and answered
+    /// inside the window, so the CPU charged to them leaves out the warm-up (topic creation, connections)
+    /// and the drain of requests still out at its end.
     fn meter_window(
         brokers: Option<&Brokers>,
         from: Instant,
         to: Instant,
-    ) -> Option<tokio::task::JoinHandle<ServerUsage>> {
-        let brokers = brokers?.clone();
-        Some(tokio::spawn(async move {
-            let cpu_seconds = cpu_over(from, to, || brokers.cpu_seconds()).await;
-            ServerUsage { cpu_seconds, peak_rss_mb: brokers.peak_rss_mb() }
-        }))
+    ) -> impl Future<Output = Option<ServerUsage>> + use<> {
+        // A task samples the window as it opens and closes, while the benchmark runs.
+        let task = brokers.cloned().map(|brokers| {
+            tokio::spawn(async move {
+                let cpu_seconds = cpu_over(from, to, || brokers.cpu_seconds()).await;
+                ServerUsage { cpu_seconds, peak_rss_mb: brokers.peak_rss_mb() }
+            })
+        });
+        async move { task?.await.ok() }
     }
 
     /// Total CPU seconds of the brokers so far.
@@ -661,11 +664,6 @@ struct Meter<'a> {
 }
 
 impl Meter<'_> {
-    /// What a [`Brokers::meter_window`] task measured (`None` if it could not finish).
-    async fn window_usage(meter: Option<tokio::task::JoinHandle<ServerUsage>>) -> Option<ServerUsage> {
-        meter?.await.ok()
-    }
-
     fn usage(self) -> ServerUsage {
         ServerUsage {
             cpu_seconds: self.brokers.cpu_seconds() - self.cpu_at_start,
