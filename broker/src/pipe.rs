@@ -48,6 +48,18 @@ fn not_sent(addr: &str, why: &str) -> BrokerError {
     BrokerError::new(ErrorCode::LeaderNotAvailable, format!("no produce stream to {addr}: {why}"))
 }
 
+/// Why the stream to `addr` did not open. Opening a stream writes nothing: whatever failed, no request
+/// was served, so a failure whose outcome would otherwise be unknown is one nothing was sent on.
+fn open_failed(addr: &str, status: &tonic::Status) -> BrokerError {
+    let e = BrokerError::from_call(addr, status);
+    if e.code != ErrorCode::Timeout {
+        return e;
+    }
+    // A transport failure's message names the broker already; `not_sent` names it once more.
+    let why = e.message.strip_prefix(addr).and_then(|rest| rest.strip_prefix(": ")).unwrap_or(&e.message);
+    not_sent(addr, why)
+}
+
 impl Pipe {
     /// A stream to the broker behind `client`: its queue at once, the stream opened by its task.
     fn open(addr: &str, mut client: FlotillaClient<Channel>) -> Arc<Pipe> {
@@ -58,11 +70,7 @@ impl Pipe {
         tokio::spawn(async move {
             let why = match client.produce_stream(UnboundedReceiverStream::new(queued)).await {
                 Ok(replies) => Self::deliver(replies.into_inner(), &waiting).await,
-                Err(status) => {
-                    let e = BrokerError::from_call(&addr, &status);
-                    // Opening a stream writes nothing: whatever failed, no request was served.
-                    if e.code == ErrorCode::Timeout { not_sent(&addr, &e.message) } else { e }
-                }
+                Err(status) => open_failed(&addr, &status),
             };
             let mut waiting = lock(&waiting);
             waiting.closed = true;
@@ -166,5 +174,32 @@ impl Pipes {
             }
         };
         pipe.send(addr, request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_that_did_not_open_names_its_broker_once() {
+        let addr = "127.0.0.1:9402";
+        // A transport failure (it carries its cause, so the message names the broker) whose outcome would
+        // be unknown on an open stream: nothing was sent on this one, so it is retriable.
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset by peer");
+        let e = open_failed(addr, &tonic::Status::from_error(Box::new(reset)));
+        assert_eq!(e.code, ErrorCode::LeaderNotAvailable, "{e}");
+        assert_eq!(e.message.matches(addr).count(), 1, "{e}");
+        assert!(e.message.starts_with("no produce stream to 127.0.0.1:9402: ") && e.message.contains("reset"), "{e}");
+        // Without a cause the status's own words follow the address.
+        let e = open_failed(addr, &tonic::Status::cancelled("the call was cancelled"));
+        assert_eq!(
+            (e.code, e.message.as_str()),
+            (ErrorCode::LeaderNotAvailable, "no produce stream to 127.0.0.1:9402: the call was cancelled")
+        );
+        // A broker's own refusal keeps its code and words.
+        let own = tonic::Status::from(BrokerError::new(ErrorCode::Throttled, "too many streams"));
+        let e = open_failed(addr, &own);
+        assert_eq!((e.code, e.message.as_str()), (ErrorCode::Throttled, "too many streams"));
     }
 }
