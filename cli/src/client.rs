@@ -6,8 +6,8 @@
 //! request's deadline.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flotilla_broker::error::BrokerError;
@@ -25,6 +25,13 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_millis(1000);
 
 pub type Error = BrokerError;
+
+/// How long a request retries before the client says what it is waiting for (see [`Client::with_wait_notice`]).
+pub const WAIT_NOTICE_AFTER: Duration = Duration::from_secs(2);
+
+/// Told, once per client, what a request has been retrying for [`WAIT_NOTICE_AFTER`]: the last failure
+/// and how long the request may still retry.
+pub type WaitNotice = Arc<dyn Fn(&BrokerError, Duration) + Send + Sync>;
 
 /// How long an unknown topic or partition is retried: a broker learns of a new topic when its controller
 /// replica applies the creation, a heartbeat or so after the creation was acknowledged elsewhere.
@@ -61,6 +68,9 @@ pub struct Client {
     next_bootstrap: AtomicU32,
     /// Produce streams, one per broker: produce requests are pipelined on them.
     pipes: Pipes,
+    /// Who hears of a long wait, and after how long; `noticed` keeps it to once per client.
+    wait_notice: Option<(WaitNotice, Duration)>,
+    noticed: AtomicBool,
 }
 
 impl Client {
@@ -76,6 +86,8 @@ impl Client {
             leader_routing: true,
             next_bootstrap: AtomicU32::new(0),
             pipes: Pipes::default(),
+            wait_notice: None,
+            noticed: AtomicBool::new(false),
         }
     }
 
@@ -83,6 +95,13 @@ impl Client {
     /// leader: what a client without metadata pays (benchmark B5).
     pub fn with_leader_routing(mut self, on: bool) -> Self {
         self.leader_routing = on;
+        self
+    }
+
+    /// Tells `notice` once, when a request has retried for `after`, why it is still waiting: a command
+    /// pointed at brokers that are down says so at once rather than after its whole deadline.
+    pub fn with_wait_notice(mut self, after: Duration, notice: WaitNotice) -> Self {
+        self.wait_notice = Some((notice, after));
         self
     }
 
@@ -164,6 +183,12 @@ impl Client {
                     Some(hint) => leaders.insert((topic.to_owned(), partition), hint.clone()),
                     None => leaders.remove(&(topic.to_owned(), partition)),
                 };
+            }
+            if let Some((notice, after)) = &self.wait_notice
+                && first_attempt.elapsed() >= *after
+                && !self.noticed.swap(true, Ordering::Relaxed)
+            {
+                notice(&err, deadline.saturating_duration_since(tokio::time::Instant::now()));
             }
             if err.code == ErrorCode::NotLeader && self.leader_routing {
                 // Go where the hint says, at once.
@@ -402,5 +427,26 @@ mod tests {
         assert!(!retriable(&e(ErrorCode::Timeout), now), "an unknown outcome is never retried");
         assert!(!retriable(&e(ErrorCode::StorageError), now));
         assert!(!retriable(&e(ErrorCode::RecordTooLarge), now));
+    }
+
+    #[tokio::test]
+    async fn a_long_wait_is_told_once_with_its_cause() {
+        // A port nothing listens on: bind one, then close it.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").to_string();
+        let heard: Arc<Mutex<Vec<(String, Duration)>>> = Arc::default();
+        let sink = heard.clone();
+        let client = Client::new(vec![addr.clone()]).with_deadline(Duration::from_secs(2)).with_wait_notice(
+            Duration::from_millis(300),
+            Arc::new(move |e, left| sink.lock().expect("sink").push((e.to_string(), left))),
+        );
+        let e = client.metadata().await.expect_err("a closed port answered");
+        assert_eq!(e.code, ErrorCode::LeaderNotAvailable, "{e}");
+        // A second call that waits as long is not told again.
+        assert!(client.metadata().await.is_err());
+        let heard = heard.lock().expect("heard");
+        assert_eq!(heard.len(), 1, "{heard:?}");
+        let (why, left) = &heard[0];
+        assert!(why.starts_with(&format!("{addr}: ")) && why.to_lowercase().contains("refused"), "{why}");
+        assert!(*left < Duration::from_millis(1700), "told after 300 ms of a 2 s deadline, not before: {left:?}");
     }
 }

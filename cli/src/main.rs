@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use flotilla_cli::bench::Brokers;
-use flotilla_cli::client::Client;
+use flotilla_cli::client::{Client, WAIT_NOTICE_AFTER};
 use flotilla_proto::broker as pb;
 use serde_json::json;
 
@@ -234,6 +234,17 @@ enum TopicCommand {
     Delete {
         name: String,
     },
+}
+
+/// A client of the cluster at `bootstrap` that says on stderr, once, why a request is still retrying
+/// after [`WAIT_NOTICE_AFTER`] (brokers down, a wrong address): a request retries for 30 s.
+fn client(bootstrap: Vec<String>) -> Client {
+    Client::new(bootstrap).with_wait_notice(
+        WAIT_NOTICE_AFTER,
+        std::sync::Arc::new(|e, left| {
+            eprintln!("waiting for the cluster: {e} (retrying for up to {} s more)", left.as_secs_f64().ceil())
+        }),
+    )
 }
 
 fn key_value(s: &str) -> anyhow::Result<(String, String)> {
@@ -539,7 +550,7 @@ async fn bench_scenario(
         let topic = format!("bench-{}-{stamp}-{run}", id.to_ascii_lowercase());
         let (t, shape) = bench::scenario(id, &topic, Duration::from_secs(duration), Duration::from_secs(warmup))?;
         title = t.to_owned();
-        let admin = Client::new(bootstrap.clone());
+        let admin = client(bootstrap.clone());
         let report = match shape {
             Scenario::Failover => {
                 let f = flotilla_cli::failover::run(Duration::from_secs(duration), Duration::from_secs(warmup)).await?;
@@ -552,11 +563,11 @@ async fn bench_scenario(
                 continue;
             }
             Scenario::Produce { bench, leader_routing } => {
-                let client = std::sync::Arc::new(Client::new(bootstrap.clone()).with_leader_routing(leader_routing));
+                let client = std::sync::Arc::new(client(bootstrap.clone()).with_leader_routing(leader_routing));
                 bench::produce(client, bench, servers.as_ref()).await?
             }
             Scenario::CatchUp { fill, read } => {
-                let client = std::sync::Arc::new(Client::new(bootstrap.clone()));
+                let client = std::sync::Arc::new(client(bootstrap.clone()));
                 let filled = bench::produce(client.clone(), fill, None).await?;
                 eprintln!("filled: {}", filled.line());
                 bench::consume(client, read, servers.as_ref()).await?
@@ -595,7 +606,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         bail!("--bootstrap is empty");
     }
     let bootstrap_list = bootstrap.clone();
-    let client = Client::new(bootstrap);
+    let client = client(bootstrap);
     let output = cli.output;
     match cli.command {
         Command::Dev { nodes, data_dir, base_port, metrics_base_port, worker_threads } => {
