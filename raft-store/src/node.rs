@@ -41,10 +41,13 @@ pub struct RaftTiming {
 }
 
 impl Default for RaftTiming {
-    /// Hundreds of groups per node: a heartbeat every 250 ms keeps idle cost low, and elections start
-    /// after 1-2 s of silence.
+    /// Hundreds of groups per node: a heartbeat every 250 ms keeps idle cost low. A follower stands for
+    /// election once the leader lease (openraft's is the longest election timeout) and then an election
+    /// timeout have passed without a word from the leader: 1.5-2 s of silence, six heartbeats or more.
+    /// That is most of the time a partition takes to acknowledge again after its leader dies (B10: 1.6-2.1
+    /// s; 3.3-4.3 s with timeouts of 1-2 s). No load shape triggered an election by timer at these values.
     fn default() -> Self {
-        Self { heartbeat_interval_ms: 250, election_timeout_min_ms: 1000, election_timeout_max_ms: 2000 }
+        Self { heartbeat_interval_ms: 250, election_timeout_min_ms: 500, election_timeout_max_ms: 1000 }
     }
 }
 
@@ -67,6 +70,11 @@ impl Default for NodeOptions {
 /// A replica this many entries behind the leader's last log still counts as caught up.
 const REPLICA_LAG_ENTRIES_MAX: u64 = 100;
 
+/// How long sending and installing a snapshot's last segment may take. A kv-mode group's snapshot (the
+/// controller's metadata, committed offsets) is its whole map, so this does not shrink with the election
+/// timeouts.
+const INSTALL_SNAPSHOT_TIMEOUT_MS: u64 = 2000;
+
 /// Entries a kv-mode group keeps between snapshots.
 const KV_LOGS_PER_SNAPSHOT: u64 = 1000;
 
@@ -82,7 +90,7 @@ impl RaftTiming {
             heartbeat_interval: self.heartbeat_interval_ms,
             election_timeout_min: self.election_timeout_min_ms,
             election_timeout_max: self.election_timeout_max_ms,
-            install_snapshot_timeout: self.election_timeout_max_ms,
+            install_snapshot_timeout: INSTALL_SNAPSHOT_TIMEOUT_MS,
             snapshot_policy,
             max_in_snapshot_log_to_keep: keep,
             max_payload_entries: 1024,

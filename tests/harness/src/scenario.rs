@@ -19,9 +19,9 @@ pub struct Scenario {
     pub releader_limit: Option<f64>,
 }
 
-/// Three times the brokers' longest election timeout (`RaftTiming`'s default, 2 s): FAILOVER.md's bound
+/// Three times the brokers' longest election timeout (`RaftTiming`'s default, 1 s): FAILOVER.md's bound
 /// for re-electing every partition after a crash (S2) or a bounce (S16).
-const REELECT_3X: f64 = 6.0;
+const REELECT_3X: f64 = 3.0;
 
 /// What a node's data directory is: what the run's faults need ([`data_dir_for`]). The harness makes it on the host ([`crate::host::DataDirs`]); the
 /// compose target bind-mounts it into the node's container, except `Plain`, which is the deployment's own
