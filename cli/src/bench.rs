@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use flotilla_proto::broker as pb;
+use flotilla_proto::broker::ErrorCode;
 use hdrhistogram::Histogram;
 use tokio::sync::Semaphore;
 
@@ -206,10 +207,12 @@ const LEADERS_WAIT: Duration = Duration::from_secs(30);
 
 /// Creates `topic` if it is missing and waits until every partition has a leader, so the measurement
 /// does not start inside the new partitions' first elections (OMB waits for its topics alike). Returns the
-/// number of partitions.
+/// number of partitions. It creates first and takes `TOPIC_EXISTS` as found: asking first would wait out
+/// the client's grace for a topic some broker has not learnt of yet (3 s) whenever the topic is new.
 async fn ensure_topic(client: &Client, topic: &str, partitions: u32, replication_factor: u32) -> anyhow::Result<u32> {
-    if client.describe_topic(topic).await.is_err() {
-        client.create_topic(topic, partitions, replication_factor, vec![]).await?;
+    match client.create_topic(topic, partitions, replication_factor, vec![]).await {
+        Err(e) if e.code != ErrorCode::TopicExists => return Err(e.into()),
+        _ => {}
     }
     let deadline = Instant::now() + LEADERS_WAIT;
     loop {
