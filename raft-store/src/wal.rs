@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::engine::Engine;
 
@@ -143,8 +143,38 @@ const JOBS_PER_SYNC_MAX: usize = 8192;
 /// The histogram of every fsync's latency, in seconds (Prometheus `flotilla_storage_fsync_latency_seconds`).
 pub const FSYNC_LATENCY_HISTOGRAM: &str = "flotilla_storage_fsync_latency_seconds";
 
+/// An fsync at least this slow is logged: every acknowledgement of its node waited for it.
+const SLOW_SYNC: Duration = Duration::from_millis(100);
+/// At most one line about slow fsyncs per this time; the next line counts those not logged.
+const SLOW_SYNC_LINE_EVERY: Duration = Duration::from_secs(10);
+
+/// Decides when a slow fsync gets a log line: a stalling disk shows in the broker's log, with the time
+/// to set against the host's and RocksDB's own, without a line per fsync while it stalls.
+#[derive(Debug, Default)]
+struct SlowSyncs {
+    last_line: Option<Instant>,
+    unlogged: u64,
+}
+
+impl SlowSyncs {
+    /// Counts a sync that took `took`, ending at `now`. When a line is due, returns how many slow syncs it
+    /// reports (this one and those not logged since the last line).
+    fn note(&mut self, took: Duration, now: Instant) -> Option<u64> {
+        if took < SLOW_SYNC {
+            return None;
+        }
+        self.unlogged += 1;
+        if self.last_line.is_some_and(|last| now.saturating_duration_since(last) < SLOW_SYNC_LINE_EVERY) {
+            return None;
+        }
+        self.last_line = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
+}
+
 fn run(engine: Arc<dyn Engine>, rx: Receiver<SyncJob>, stats: Arc<SyncStats>) {
     let latency = metrics::histogram!(FSYNC_LATENCY_HISTOGRAM);
+    let mut slow = SlowSyncs::default();
     let mut poisoned: Option<String> = None;
     let mut jobs: Vec<SyncJob> = Vec::new();
     while let Ok(first) = rx.recv() {
@@ -165,6 +195,14 @@ fn run(engine: Arc<dyn Engine>, rx: Receiver<SyncJob>, stats: Arc<SyncStats>) {
                 let nanos = took.as_nanos() as u64;
                 stats.sync_nanos_total.fetch_add(nanos, Ordering::Relaxed);
                 stats.sync_nanos_max.fetch_max(nanos, Ordering::Relaxed);
+                if let Some(count) = slow.note(took, Instant::now()) {
+                    tracing::warn!(
+                        took_ms = took.as_millis() as u64,
+                        jobs = jobs.len(),
+                        "slow fsync: {took:.0?}, {count} of at least {SLOW_SYNC:?} since the last such line; every \
+                         acknowledgement of this node waits for them (the disk is slow or busy)"
+                    );
+                }
                 r.map_err(|e| {
                     let why = format!("WAL sync failed; refusing all later syncs: {e}");
                     tracing::error!("{why}");
@@ -225,6 +263,19 @@ mod tests {
         assert_eq!(engine.get(Cf::Log, b"k").expect("get"), Some(Bytes::from_static(b"v")));
         let s = syncer.stats().snapshot();
         assert_eq!((s.entries, s.bytes), (1, 2));
+    }
+
+    #[test]
+    fn slow_syncs_are_logged_at_most_once_per_interval_and_counted_in_between() {
+        let mut slow = SlowSyncs::default();
+        let t0 = Instant::now();
+        assert_eq!(slow.note(Duration::from_millis(99), t0), None, "not slow");
+        assert_eq!(slow.note(SLOW_SYNC, t0), Some(1), "the first slow one is logged");
+        assert_eq!(slow.note(Duration::from_millis(300), t0 + Duration::from_secs(1)), None);
+        assert_eq!(slow.note(Duration::from_millis(120), t0 + Duration::from_secs(9)), None);
+        assert_eq!(slow.note(Duration::from_millis(5), t0 + SLOW_SYNC_LINE_EVERY), None, "a fast one is not");
+        assert_eq!(slow.note(Duration::from_millis(150), t0 + SLOW_SYNC_LINE_EVERY), Some(3), "and those between");
+        assert_eq!(slow.note(Duration::from_millis(150), t0 + SLOW_SYNC_LINE_EVERY * 3), Some(1));
     }
 
     #[tokio::test]
