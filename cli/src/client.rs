@@ -191,7 +191,14 @@ impl Client {
                 && first_attempt.elapsed() >= *after
                 && !self.noticed.swap(true, Ordering::Relaxed)
             {
-                notice(&err, deadline.saturating_duration_since(tokio::time::Instant::now()));
+                // An unknown topic or partition is retried only within its grace, not to the deadline.
+                let until = match err.code {
+                    ErrorCode::UnknownTopic | ErrorCode::UnknownPartition => {
+                        deadline.min(first_attempt + METADATA_GRACE)
+                    }
+                    _ => deadline,
+                };
+                notice(&err, until.saturating_duration_since(tokio::time::Instant::now()));
             }
             if err.code == ErrorCode::NotLeader && self.leader_routing {
                 // Go where the hint says, at once.
