@@ -178,6 +178,8 @@ fn run(engine: Arc<dyn Engine>, rx: Receiver<SyncJob>, stats: Arc<SyncStats>) {
     let mut poisoned: Option<String> = None;
     let mut jobs: Vec<SyncJob> = Vec::new();
     while let Ok(first) = rx.recv() {
+        // Logged once this sync's jobs are completed: a log on the stalled disk must not hold them up.
+        let mut slow_line = None;
         jobs.push(first);
         while jobs.len() < JOBS_PER_SYNC_MAX {
             match rx.try_recv() {
@@ -195,14 +197,7 @@ fn run(engine: Arc<dyn Engine>, rx: Receiver<SyncJob>, stats: Arc<SyncStats>) {
                 let nanos = took.as_nanos() as u64;
                 stats.sync_nanos_total.fetch_add(nanos, Ordering::Relaxed);
                 stats.sync_nanos_max.fetch_max(nanos, Ordering::Relaxed);
-                if let Some(count) = slow.note(took, Instant::now()) {
-                    tracing::warn!(
-                        took_ms = took.as_millis() as u64,
-                        jobs = jobs.len(),
-                        "slow fsync: {took:.0?}, {count} of at least {SLOW_SYNC:?} since the last such line; every \
-                         acknowledgement of this node waits for them (the disk is slow or busy)"
-                    );
-                }
+                slow_line = slow.note(took, Instant::now()).map(|count| (took, count, jobs.len()));
                 r.map_err(|e| {
                     let why = format!("WAL sync failed; refusing all later syncs: {e}");
                     tracing::error!("{why}");
@@ -219,6 +214,14 @@ fn run(engine: Arc<dyn Engine>, rx: Receiver<SyncJob>, stats: Arc<SyncStats>) {
         }
         for job in jobs.drain(..) {
             (job.done)(result.clone().map_err(io::Error::other));
+        }
+        if let Some((took, count, jobs)) = slow_line {
+            tracing::warn!(
+                took_ms = took.as_millis() as u64,
+                jobs,
+                "slow fsync: {took:.0?}, {count} of at least {SLOW_SYNC:?} since the last such line; every \
+                 acknowledgement of this node waits for them (the disk is slow or busy)"
+            );
         }
     }
 }
