@@ -238,7 +238,7 @@ enum TopicCommand {
 
 /// A client of the cluster at `bootstrap` that says on stderr, once, why a request is still retrying
 /// after [`WAIT_NOTICE_AFTER`] (brokers down, a wrong address): a request retries for 30 s.
-fn client(bootstrap: Vec<String>) -> Client {
+fn cluster_client(bootstrap: Vec<String>) -> Client {
     Client::new(bootstrap).with_wait_notice(
         WAIT_NOTICE_AFTER,
         std::sync::Arc::new(|e, left| {
@@ -550,7 +550,7 @@ async fn bench_scenario(
         let topic = format!("bench-{}-{stamp}-{run}", id.to_ascii_lowercase());
         let (t, shape) = bench::scenario(id, &topic, Duration::from_secs(duration), Duration::from_secs(warmup))?;
         title = t.to_owned();
-        let admin = client(bootstrap.clone());
+        let admin = cluster_client(bootstrap.clone());
         let report = match shape {
             Scenario::Failover => {
                 let f = flotilla_cli::failover::run(Duration::from_secs(duration), Duration::from_secs(warmup)).await?;
@@ -563,11 +563,11 @@ async fn bench_scenario(
                 continue;
             }
             Scenario::Produce { bench, leader_routing } => {
-                let client = std::sync::Arc::new(client(bootstrap.clone()).with_leader_routing(leader_routing));
+                let client = std::sync::Arc::new(cluster_client(bootstrap.clone()).with_leader_routing(leader_routing));
                 bench::produce(client, bench, servers.as_ref()).await?
             }
             Scenario::CatchUp { fill, read } => {
-                let client = std::sync::Arc::new(client(bootstrap.clone()));
+                let client = std::sync::Arc::new(cluster_client(bootstrap.clone()));
                 let filled = bench::produce(client.clone(), fill, None).await?;
                 eprintln!("filled: {}", filled.line());
                 bench::consume(client, read, servers.as_ref()).await?
@@ -606,7 +606,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         bail!("--bootstrap is empty");
     }
     let bootstrap_list = bootstrap.clone();
-    let client = client(bootstrap);
+    let client = cluster_client(bootstrap);
     let output = cli.output;
     match cli.command {
         Command::Dev { nodes, data_dir, base_port, metrics_base_port, worker_threads } => {
