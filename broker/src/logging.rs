@@ -7,7 +7,6 @@
 //! never sampled.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,42 +41,98 @@ pub fn init(format: &str) -> anyhow::Result<()> {
         loop {
             std::thread::sleep(WINDOW);
             let dropped = sampler.take_dropped();
-            if dropped > 0 {
-                tracing::warn!(dropped, "dropped {dropped} repeated openraft log lines in the last {WINDOW:?}");
+            if dropped.total > 0 {
+                let total = dropped.total;
+                tracing::warn!(
+                    dropped = total,
+                    "dropped {total} repeated openraft log lines in the last {WINDOW:?}; most from {}",
+                    dropped.top_sites()
+                );
             }
         }
     })?;
     Ok(())
 }
 
+/// Call sites named in a summary of dropped events.
+const SUMMARY_SITES: usize = 3;
+
 /// Per-call-site rate limiting.
 #[derive(Default)]
 pub struct Sampler {
-    windows: Mutex<HashMap<Identifier, (Instant, u32)>>,
-    dropped: AtomicU64,
+    sites: Mutex<HashMap<Identifier, Site>>,
+}
+
+/// One sampled call site: its current window and what it dropped since the last summary.
+struct Site {
+    /// Where the events come from: target, file and line.
+    name: String,
+    window_start: Instant,
+    in_window: u32,
+    dropped: u64,
+}
+
+/// What a sampler dropped since its last summary: the total, and per call site, most first.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Dropped {
+    pub total: u64,
+    pub by_site: Vec<(String, u64)>,
+}
+
+impl Dropped {
+    /// The busiest call sites, as "N at SITE", for the summary line: a storm of one warning (a peer
+    /// retried in a loop) is then named, not only counted.
+    pub fn top_sites(&self) -> String {
+        let named: Vec<String> =
+            self.by_site.iter().take(SUMMARY_SITES).map(|(site, n)| format!("{n} at {site}")).collect();
+        named.join(", ")
+    }
 }
 
 impl Sampler {
-    /// Whether an event of call site `site` at `now` is logged; counts it as dropped if not.
-    pub fn admit(&self, site: Identifier, now: Instant) -> bool {
-        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        let (start, count) = windows.entry(site).or_insert((now, 0));
-        if now.duration_since(*start) >= WINDOW {
-            *start = now;
-            *count = 0;
+    /// Whether an event of call site `meta` at `now` is logged; counts it as dropped if not.
+    pub fn admit(&self, meta: &Metadata<'_>, now: Instant) -> bool {
+        let mut sites = self.sites.lock().unwrap_or_else(|p| p.into_inner());
+        let site = sites.entry(meta.callsite()).or_insert_with(|| Site {
+            name: format!(
+                "{} ({}:{})",
+                meta.target(),
+                meta.file().map_or("?", crate_relative),
+                meta.line().map_or_else(|| "?".to_owned(), |l| l.to_string())
+            ),
+            window_start: now,
+            in_window: 0,
+            dropped: 0,
+        });
+        if now.duration_since(site.window_start) >= WINDOW {
+            site.window_start = now;
+            site.in_window = 0;
         }
-        *count += 1;
-        let admitted = *count <= BURST;
+        site.in_window = site.in_window.saturating_add(1);
+        let admitted = site.in_window <= BURST;
         if !admitted {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            site.dropped += 1;
         }
         admitted
     }
 
-    /// Events dropped since the last call.
-    pub fn take_dropped(&self) -> u64 {
-        self.dropped.swap(0, Ordering::Relaxed)
+    /// Events dropped since the last call, per call site.
+    pub fn take_dropped(&self) -> Dropped {
+        let mut sites = self.sites.lock().unwrap_or_else(|p| p.into_inner());
+        let mut by_site: Vec<(String, u64)> = sites
+            .values_mut()
+            .filter(|s| s.dropped > 0)
+            .map(|s| (s.name.clone(), std::mem::take(&mut s.dropped)))
+            .collect();
+        by_site.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        Dropped { total: by_site.iter().map(|(_, n)| n).sum(), by_site }
     }
+}
+
+/// A source path from its crate's `src/` on: a dependency's file is named by its absolute path in the
+/// Cargo registry of the machine that built the broker.
+fn crate_relative(file: &str) -> &str {
+    file.rfind("/src/").map_or(file, |at| &file[at + 1..])
 }
 
 fn sampled(meta: &Metadata<'_>) -> bool {
@@ -88,7 +143,7 @@ struct SampleFilter(Arc<Sampler>);
 
 impl<S> Filter<S> for SampleFilter {
     fn enabled(&self, meta: &Metadata<'_>, _cx: &Context<'_, S>) -> bool {
-        !sampled(meta) || self.0.admit(meta.callsite(), Instant::now())
+        !sampled(meta) || self.0.admit(meta, Instant::now())
     }
 
     fn callsite_enabled(&self, meta: &'static Metadata<'static>) -> Interest {
@@ -131,15 +186,43 @@ mod tests {
     fn a_call_site_logs_a_burst_per_window_and_counts_the_rest() {
         let sampler = Sampler::default();
         let t0 = Instant::now();
-        let admitted = (0..100).filter(|_| sampler.admit(META_A.callsite(), t0)).count();
+        let admitted = (0..100).filter(|_| sampler.admit(&META_A, t0)).count();
         assert_eq!(admitted, BURST as usize);
-        assert_eq!(sampler.take_dropped(), 100 - u64::from(BURST));
-        assert_eq!(sampler.take_dropped(), 0, "the count restarts after a summary");
+        let dropped = sampler.take_dropped();
+        assert_eq!(dropped.total, 100 - u64::from(BURST));
+        assert_eq!(dropped.by_site.len(), 1);
+        assert_eq!(sampler.take_dropped().total, 0, "the count restarts after a summary");
 
         // Another call site has its own budget; a new window restores the first one's.
-        assert!(sampler.admit(META_B.callsite(), t0));
-        assert!(!sampler.admit(META_A.callsite(), t0 + WINDOW / 2));
-        assert!(sampler.admit(META_A.callsite(), t0 + WINDOW));
+        assert!(sampler.admit(&META_B, t0));
+        assert!(!sampler.admit(&META_A, t0 + WINDOW / 2));
+        assert!(sampler.admit(&META_A, t0 + WINDOW));
+    }
+
+    #[test]
+    fn a_summary_names_the_call_sites_that_dropped_most() {
+        let sampler = Sampler::default();
+        let t0 = Instant::now();
+        for _ in 0..BURST + 3 {
+            sampler.admit(&META_A, t0);
+        }
+        for _ in 0..BURST + 40 {
+            sampler.admit(&META_B, t0);
+        }
+        let dropped = sampler.take_dropped();
+        assert_eq!(dropped.total, 43);
+        let (line_a, line_b) = (META_A.line().unwrap_or(0), META_B.line().unwrap_or(0));
+        assert_eq!(
+            dropped.top_sites(),
+            format!(
+                "40 at openraft::replication (src/logging.rs:{line_b}), 3 at openraft::core (src/logging.rs:{line_a})"
+            )
+        );
+        assert_eq!(
+            crate_relative("/root/.cargo/registry/src/index/openraft-0.10/src/replication/mod.rs"),
+            "src/replication/mod.rs"
+        );
+        assert_eq!(crate_relative("build.rs"), "build.rs");
     }
 
     #[test]
