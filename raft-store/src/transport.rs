@@ -686,11 +686,14 @@ const STREAM_RETRY_PAUSE_MAX: Duration = Duration::from_millis(500);
 /// A group's failed replication streams towards one peer, and when the next may start.
 ///
 /// openraft opens a new stream as soon as one fails, and its own backoff sleeps only before each request
-/// it hands a stream, which a stream that fails at once (the peer refuses connections, or does not host
-/// the group yet) never asks for. Without this pause a leader retried a stopped peer in a hot loop, with a
-/// warning and a progress report to the Raft core for each failed stream: over 200 k of them in the 5 s one
-/// peer of a 3-node cluster was down, and with a 300-partition topic the two surviving brokers spent 0.9 of
-/// a core each on it (0.13 with the pause).
+/// it hands a stream (the first included), which a stream that fails before it asks for one (the peer
+/// refuses connections) never gets to. Without this pause a leader retried a stopped peer in a hot loop,
+/// with a warning and a progress report to the Raft core for each failed stream: over 200 k of them in
+/// the 5 s one peer of a 3-node cluster was down, and with a 300-partition topic the two surviving
+/// brokers spent 0.9 of a core each on it (0.13 with the pause). Any failed stream starts the pause (a
+/// refused connection, a reply that timed out, an error from the peer). The stream is handed to openraft
+/// at once and the pause is its wait for a first reply, which openraft races against its cancel signal,
+/// so a replication task told to stop does not sit it out.
 #[derive(Debug, Default)]
 struct StreamRetry {
     failures: u32,
@@ -734,55 +737,6 @@ fn rpc_error(status: Status) -> RPCError<TypeConfig> {
 }
 
 impl GroupNetwork {
-    /// Opens one replication stream on the peer's append connection; `retry` learns whether its
-    /// replies come.
-    fn open_stream<S>(
-        &self,
-        input: S,
-        retry: Arc<Mutex<StreamRetry>>,
-    ) -> Result<AppendReplies<'static>, RPCError<TypeConfig>>
-    where
-        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
-    {
-        let mux =
-            self.pool.mux(self.target, &self.addr).map_err(|e| RPCError::Unreachable(Unreachable::from_string(e)))?;
-        let stream = mux.next_stream.fetch_add(1, Ordering::Relaxed);
-        let (route, replies) = mpsc::unbounded_channel();
-        if !mux.routes.open(stream, route) {
-            return Err(RPCError::Unreachable(Unreachable::from_string("the append connection failed")));
-        }
-        let (closing, closed) = tokio::sync::oneshot::channel();
-        let window = Window::new();
-        let group = self.group;
-        let requests = Windowed { input: input.map(move |req| pb_append(group, &req)), window: window.clone() };
-        let frames = requests
-            .map(move |req| pb::AppendFrame { stream, body: Some(pb::append_frame::Body::Request(req)) })
-            .take_until(closed)
-            .chain(futures::stream::once(async move {
-                pb::AppendFrame { stream, body: Some(pb::append_frame::Body::End(true)) }
-            }));
-        let open = OpenStream { replies, window, routes: mux.routes.clone(), stream, _closing: closing };
-        if mux.opened.send(Box::pin(frames)).is_err() {
-            return Err(RPCError::Unreachable(Unreachable::from_string("the append connection failed")));
-        }
-        let replies = futures::stream::unfold(open, move |mut open| {
-            let retry = retry.clone();
-            async move {
-                let item = match open.next().await? {
-                    Ok(reply) => from_pb_append_reply(reply).map_err(rpc_error),
-                    Err(status) => Err(rpc_error(status)),
-                };
-                let mut retry = retry.lock().unwrap_or_else(|p| p.into_inner());
-                match &item {
-                    Ok(_) => retry.answered(),
-                    Err(_) => retry.failed(tokio::time::Instant::now()),
-                }
-                Some((item, open))
-            }
-        });
-        Ok(until_error(replies))
-    }
-
     fn client(&self) -> Result<RaftTransportClient<Channel>, RPCError<TypeConfig>> {
         self.client.clone().map_err(|e| RPCError::Unreachable(Unreachable::from_string(e)))
     }
@@ -827,6 +781,56 @@ impl GroupNetwork {
         let vote = from_pb_vote(reply.vote.as_ref()).map_err(rpc_error)?;
         Ok(VoteResponse::new(vote, reply.last_log_id.as_ref().map(from_pb_log_id), reply.granted))
     }
+}
+
+/// Opens one replication stream of `group` on the append connection towards `target`; `retry` learns
+/// whether its replies come.
+fn open_replication_stream<S>(
+    pool: &PeerPool,
+    group: GroupId,
+    target: NodeId,
+    addr: &str,
+    input: S,
+    retry: Arc<Mutex<StreamRetry>>,
+) -> Result<AppendReplies<'static>, RPCError<TypeConfig>>
+where
+    S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+{
+    let mux = pool.mux(target, addr).map_err(|e| RPCError::Unreachable(Unreachable::from_string(e)))?;
+    let stream = mux.next_stream.fetch_add(1, Ordering::Relaxed);
+    let (route, replies) = mpsc::unbounded_channel();
+    if !mux.routes.open(stream, route) {
+        return Err(RPCError::Unreachable(Unreachable::from_string("the append connection failed")));
+    }
+    let (closing, closed) = tokio::sync::oneshot::channel();
+    let window = Window::new();
+    let requests = Windowed { input: input.map(move |req| pb_append(group, &req)), window: window.clone() };
+    let frames = requests
+        .map(move |req| pb::AppendFrame { stream, body: Some(pb::append_frame::Body::Request(req)) })
+        .take_until(closed)
+        .chain(futures::stream::once(async move {
+            pb::AppendFrame { stream, body: Some(pb::append_frame::Body::End(true)) }
+        }));
+    let open = OpenStream { replies, window, routes: mux.routes.clone(), stream, _closing: closing };
+    if mux.opened.send(Box::pin(frames)).is_err() {
+        return Err(RPCError::Unreachable(Unreachable::from_string("the append connection failed")));
+    }
+    let replies = futures::stream::unfold(open, move |mut open| {
+        let retry = retry.clone();
+        async move {
+            let item = match open.next().await? {
+                Ok(reply) => from_pb_append_reply(reply).map_err(rpc_error),
+                Err(status) => Err(rpc_error(status)),
+            };
+            let mut retry = retry.lock().unwrap_or_else(|p| p.into_inner());
+            match &item {
+                Ok(_) => retry.answered(),
+                Err(_) => retry.failed(tokio::time::Instant::now()),
+            }
+            Some((item, open))
+        }
+    });
+    Ok(until_error(replies))
 }
 
 /// The replies to a stream of appends, in order.
@@ -908,16 +912,26 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
             return self.beat_stream(beats, input, option);
         }
         let retry = self.retry.clone();
-        Box::pin(async move {
-            let next_start = retry.lock().unwrap_or_else(|p| p.into_inner()).next_start();
-            if let Some(at) = next_start {
-                tokio::time::sleep_until(at).await;
-            }
-            let opened = self.open_stream(input, retry.clone());
+        let next_start = retry.lock().unwrap_or_else(|p| p.into_inner()).next_start();
+        let (pool, group, target, addr) = (self.pool.clone(), self.group, self.target, self.addr.clone());
+        let open = move || {
+            let opened = open_replication_stream(&pool, group, target, &addr, input, retry.clone());
             if opened.is_err() {
                 retry.lock().unwrap_or_else(|p| p.into_inner()).failed(tokio::time::Instant::now());
             }
             opened
+        };
+        Box::pin(async move {
+            let Some(at) = next_start else { return open() };
+            // The pause is the reply stream's wait for its first item: openraft waits for replies and for
+            // its cancel signal together, so a replication task that must stop (its leader stepped down)
+            // does not sit out the pause.
+            let delayed = futures::stream::once(async move {
+                tokio::time::sleep_until(at).await;
+                open().unwrap_or_else(|e| Box::pin(futures::stream::iter([Err(e)])))
+            })
+            .flatten();
+            Ok(Box::pin(delayed) as AppendReplies<'s>)
         })
     }
 
@@ -1577,37 +1591,71 @@ mod tests {
 
     #[tokio::test]
     async fn a_group_whose_stream_failed_waits_before_it_opens_the_next() {
-        // The peer answers that it does not host the group: the stream fails at its first reply, and
-        // openraft would open the next one at once, again and again.
-        let addr = serve_no_groups().await;
+        // The peer refuses connections: each stream fails before openraft hands it a request, so
+        // openraft's own backoff, which sleeps before each request, never ran, and it opened the next
+        // stream at once, again and again.
+        let addr = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr");
+        let addr = addr.to_string();
         let pool = PeerPool::new(1, HashMap::new());
         let mut network = GroupNetworkFactory::new(7, pool.clone()).network(2, &BasicNode::new(&addr), false);
+        let retry = network.retry.clone();
         let option = RPCOption::new(Duration::from_secs(1));
-        let input = futures::stream::iter([append_request()]);
-        let mut replies = network.stream_append(input, option.clone()).await.expect("stream");
-        assert!(matches!(replies.next().await, Some(Err(RPCError::Unreachable(_)))), "the group is not hosted");
+        let mut replies =
+            network.stream_append(futures::stream::iter([append_request()]), option.clone()).await.expect("stream");
+        assert!(matches!(replies.next().await, Some(Err(RPCError::Unreachable(_)))), "the peer refuses connections");
         drop(replies);
+        let connection = || pool.muxes.lock().expect("muxes").values().next().cloned().expect("a connection");
+        let failed = connection();
+
+        // On a stopped clock, with the pause at its longest (six more failures) so that the test's own
+        // slowness cannot end it, the next stream is handed over at once and opens when its pause ends.
+        tokio::time::pause();
         let next_start = {
-            let mut retry = network.retry.lock().expect("retry");
+            let mut retry = retry.lock().expect("retry");
             assert!(retry.next_start().is_some(), "the failed stream starts a pause");
-            // Six more failures: a pause of its longest, so that the test's own slowness cannot end it.
             for _ in 0..6 {
                 retry.failed(tokio::time::Instant::now());
             }
             retry.next_start().expect("a pause")
         };
-
-        // On a stopped clock, the next stream waits for the pause to end, and only for that.
-        tokio::time::pause();
         let left = next_start - tokio::time::Instant::now();
-        let input = futures::stream::iter([append_request()]);
-        let mut opening = network.stream_append(input, option);
-        assert!(futures::poll!(&mut opening).is_pending(), "the next stream starts at once");
+        let mut replies =
+            network.stream_append(futures::stream::iter([append_request()]), option).await.expect("stream");
+        assert!(futures::poll!(replies.next()).is_pending());
+        assert!(Arc::ptr_eq(&failed, &connection()), "the next stream opened at once");
         tokio::time::advance(left.saturating_sub(Duration::from_millis(1))).await;
-        assert!(futures::poll!(&mut opening).is_pending(), "the next stream starts before its pause ends");
+        assert!(futures::poll!(replies.next()).is_pending());
+        assert!(Arc::ptr_eq(&failed, &connection()), "the next stream opened before its pause ended");
         // Timers fire on whole milliseconds: the pause ends within the next two.
         tokio::time::advance(Duration::from_millis(2)).await;
-        assert!(matches!(futures::poll!(&mut opening), std::task::Poll::Ready(Ok(_))), "the next stream opens");
+        let _ = futures::poll!(replies.next());
+        assert!(!Arc::ptr_eq(&failed, &connection()), "the next stream opens, on a new connection");
+    }
+
+    #[tokio::test]
+    async fn a_reply_ends_the_pause_of_a_group_whose_streams_failed() {
+        // A peer that takes the connection and never answers: the stream stays open, and the test gives
+        // it its reply.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let pool = PeerPool::new(1, HashMap::new());
+        let mut network = GroupNetworkFactory::new(7, pool.clone()).network(2, &BasicNode::new(&addr), false);
+        let retry = network.retry.clone();
+        let option = RPCOption::new(Duration::from_secs(1));
+        let mut replies =
+            network.stream_append(futures::stream::iter([append_request()]), option).await.expect("stream");
+        for _ in 0..3 {
+            retry.lock().expect("retry").failed(tokio::time::Instant::now());
+        }
+        let mux = pool.muxes.lock().expect("muxes").values().next().cloned().expect("a connection");
+        let matched = pb::AppendReply { result: Some(pb::append_reply::Result::MatchedEmpty(true)) };
+        mux.routes.dispatch(vec![pb::AppendReplyFrame {
+            stream: 0,
+            body: Some(pb::append_reply_frame::Body::Reply(matched)),
+        }]);
+        assert!(matches!(replies.next().await, Some(Ok(Ok(None)))), "the reply is handed over");
+        assert_eq!(retry.lock().expect("retry").next_start(), None, "a reply ends the pause");
+        drop(listener);
     }
 
     #[tokio::test]
