@@ -35,6 +35,9 @@ pub struct FailoverReport {
     pub unavailable_ms: f64,
     /// Latency (from the intended send time) p99.9 of sends intended within 5 s after the kill.
     pub p999_after_kill_ms: f64,
+    /// Latency p99 of sends intended from the restart on: the killed node's return, as the leader sends it
+    /// what it missed.
+    pub p99_after_restart_ms: f64,
     pub acked: u64,
     /// Acknowledged records missing from the log (or found with another value) after the run.
     pub lost: u64,
@@ -43,13 +46,14 @@ pub struct FailoverReport {
 impl FailoverReport {
     pub fn line(&self) -> String {
         format!(
-            "{}; leader (node {}) killed at {:.1} s, restarted at {:.1} s: no acknowledgement for {:.0} ms, p99.9 after the kill {:.1} ms; {} acknowledged, {} lost",
+            "{}; leader (node {}) killed at {:.1} s, restarted at {:.1} s: no acknowledgement for {:.0} ms, p99.9 after the kill {:.1} ms, p99 after the restart {:.1} ms; {} acknowledged, {} lost",
             self.load.line(),
             self.killed_node,
             self.kill_at_s,
             self.restart_at_s,
             self.unavailable_ms,
             self.p999_after_kill_ms,
+            self.p99_after_restart_ms,
             self.acked,
             self.lost
         )
@@ -62,6 +66,7 @@ impl FailoverReport {
         v["restart_at_s"] = self.restart_at_s.into();
         v["unavailable_ms"] = self.unavailable_ms.into();
         v["p999_after_kill_ms"] = self.p999_after_kill_ms.into();
+        v["p99_after_restart_ms"] = self.p99_after_restart_ms.into();
         v["acked"] = self.acked.into();
         v["lost"] = self.lost.into();
         v
@@ -173,10 +178,12 @@ pub async fn run(duration: Duration, warmup: Duration) -> anyhow::Result<Failove
     let kill_at = warmup + duration / 3;
     let restart_at = warmup + duration * 2 / 3;
     let after_kill = Arc::new(after_kill);
+    let after_restart = Arc::new(Mutex::new(crate::bench::new_histogram()));
     let interval = Duration::from_secs_f64(f64::from(SENDERS) / RATE as f64);
     let mut senders = Vec::new();
     for w in 0..SENDERS {
-        let (client, tally, acks, after_kill) = (client.clone(), tally.clone(), acks.clone(), after_kill.clone());
+        let (client, tally, acks) = (client.clone(), tally.clone(), acks.clone());
+        let (after_kill, after_restart) = (after_kill.clone(), after_restart.clone());
         senders.push(tokio::spawn(async move {
             // Spread the senders' schedules over one interval.
             let mut next_send = start + interval * w / SENDERS;
@@ -207,9 +214,12 @@ pub async fn run(duration: Duration, warmup: Duration) -> anyhow::Result<Failove
                             tally.records.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             tally.bytes.fetch_add(MESSAGE_BYTES as u64, std::sync::atomic::Ordering::Relaxed);
                             tally.latency(latency);
+                            let micros = (latency.as_micros() as u64).clamp(1, 60_000_000);
                             if intended >= kill_at && intended < kill_at + Duration::from_secs(5) {
-                                let mut h = after_kill.lock().unwrap_or_else(|p| p.into_inner());
-                                let _ = h.record((latency.as_micros() as u64).clamp(1, 60_000_000));
+                                let _ = after_kill.lock().unwrap_or_else(|p| p.into_inner()).record(micros);
+                            }
+                            if intended >= restart_at {
+                                let _ = after_restart.lock().unwrap_or_else(|p| p.into_inner()).record(micros);
                             }
                         }
                     }
@@ -249,6 +259,7 @@ pub async fn run(duration: Duration, warmup: Duration) -> anyhow::Result<Failove
     cluster.stop().await;
     let lost = lost?;
     let h = after_kill.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let back = after_restart.lock().unwrap_or_else(|p| p.into_inner()).clone();
     Ok(FailoverReport {
         load: tally.report(duration.as_secs_f64(), "ack", None),
         killed_node,
@@ -256,6 +267,7 @@ pub async fn run(duration: Duration, warmup: Duration) -> anyhow::Result<Failove
         restart_at_s: restart_at.as_secs_f64(),
         unavailable_ms: unavailable * 1000.0,
         p999_after_kill_ms: h.value_at_quantile(0.999) as f64 / 1000.0,
+        p99_after_restart_ms: back.value_at_quantile(0.99) as f64 / 1000.0,
         acked: acks.len() as u64,
         lost,
     })

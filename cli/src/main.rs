@@ -558,7 +558,7 @@ async fn bench_scenario(
                     Output::Json => out!("{}", f.json())?,
                     Output::Table => out!("{id} run {run}: {}", f.line())?,
                 }
-                failovers.push((f.unavailable_ms, f.p999_after_kill_ms, f.lost));
+                failovers.push((f.unavailable_ms, f.p999_after_kill_ms, f.p99_after_restart_ms, f.lost));
                 reports.push(f.load);
                 continue;
             }
@@ -583,14 +583,15 @@ async fn bench_scenario(
         }
     }
     if !failovers.is_empty() {
-        let col = |f: &dyn Fn(&(f64, f64, u64)) -> f64, digits| {
+        let col = |f: &dyn Fn(&(f64, f64, f64, u64)) -> f64, digits| {
             bench::range(&failovers.iter().map(f).collect::<Vec<_>>(), digits)
         };
         title = format!(
-            "{title}; no ack for {} ms, p99.9 after the kill {} ms, {} acknowledged records lost",
+            "{title}; no ack for {} ms, p99.9 after the kill {} ms, p99 after the restart {} ms, {} acknowledged records lost",
             col(&|f| f.0, 0),
             col(&|f| f.1, 1),
-            failovers.iter().map(|f| f.2).sum::<u64>()
+            col(&|f| f.2, 1),
+            failovers.iter().map(|f| f.3).sum::<u64>()
         );
     }
     if output == Output::Table {
