@@ -546,6 +546,7 @@ async fn bench_scenario(
     let mut reports = Vec::new();
     let mut title = String::new();
     let mut failovers = Vec::new();
+    let mut lost = 0u64;
     for run in 1..=runs {
         let topic = format!("bench-{}-{stamp}-{run}", id.to_ascii_lowercase());
         let (t, shape) = bench::scenario(id, &topic, Duration::from_secs(duration), Duration::from_secs(warmup))?;
@@ -558,7 +559,8 @@ async fn bench_scenario(
                     Output::Json => out!("{}", f.json())?,
                     Output::Table => out!("{id} run {run}: {}", f.line())?,
                 }
-                failovers.push((f.unavailable_ms, f.p999_after_kill_ms, f.p99_after_restart_ms, f.lost));
+                failovers.push((f.unavailable_ms, f.p999_after_kill_ms, f.p99_after_restart_ms));
+                lost += f.lost;
                 reports.push(f.load);
                 continue;
             }
@@ -583,7 +585,7 @@ async fn bench_scenario(
         }
     }
     if !failovers.is_empty() {
-        let col = |f: &dyn Fn(&(f64, f64, f64, u64)) -> f64, digits| {
+        let col = |f: &dyn Fn(&(f64, f64, f64)) -> f64, digits| {
             bench::range(&failovers.iter().map(f).collect::<Vec<_>>(), digits)
         };
         title = format!(
@@ -591,7 +593,7 @@ async fn bench_scenario(
             col(&|f| f.0, 0),
             col(&|f| f.1, 1),
             col(&|f| f.2, 1),
-            failovers.iter().map(|f| f.3).sum::<u64>()
+            lost
         );
     }
     if output == Output::Table {
