@@ -815,20 +815,21 @@ where
     if mux.opened.send(Box::pin(frames)).is_err() {
         return Err(RPCError::Unreachable(Unreachable::from_string("the append connection failed")));
     }
-    let replies = futures::stream::unfold(open, move |mut open| {
-        let retry = retry.clone();
-        async move {
-            let item = match open.next().await? {
-                Ok(reply) => from_pb_append_reply(reply).map_err(rpc_error),
-                Err(status) => Err(rpc_error(status)),
-            };
-            let mut retry = retry.lock().unwrap_or_else(|p| p.into_inner());
-            match &item {
-                Ok(_) => retry.answered(),
-                Err(_) => retry.failed(tokio::time::Instant::now()),
-            }
-            Some((item, open))
+    // Only the stream's first reply and its error touch `retry`: nothing else writes it while the stream
+    // lives (openraft opens the group's next stream once this one's replies end), so later replies, the
+    // replication path proper, take no lock.
+    let replies = futures::stream::unfold((open, retry, false), |(mut open, retry, answered)| async move {
+        let item = match open.next().await? {
+            Ok(reply) => from_pb_append_reply(reply).map_err(rpc_error),
+            Err(status) => Err(rpc_error(status)),
+        };
+        match &item {
+            Ok(_) if answered => {}
+            Ok(_) => retry.lock().unwrap_or_else(|p| p.into_inner()).answered(),
+            Err(_) => retry.lock().unwrap_or_else(|p| p.into_inner()).failed(tokio::time::Instant::now()),
         }
+        let answered = answered || item.is_ok();
+        Some((item, (open, retry, answered)))
     });
     Ok(until_error(replies))
 }
