@@ -54,7 +54,8 @@ done
   echo
   echo "Written by \`deploy/bench-all.sh\` on $(date -u +%Y-%m-%d) at commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown):"
   echo "$(nproc) cores, 3 release brokers on 127.0.0.1 started by \`flotilla dev\`, replication factor 3, fsync"
-  echo "before every acknowledgement, 1024-byte values, load generator on the same machine, ${RUNS:-3} runs of"
+  echo "before every acknowledgement, 1024-byte values (half random bytes, as OpenMessaging Benchmark's"
+  echo "randomBytesRatio 0.5 makes them), load generator on the same machine, ${RUNS:-3} runs of"
   echo "15 s (after 2 s of warm-up) per shape; each cell is the range over the runs. Shapes and targets:"
   echo "../shared/BENCH.md section 6. Broker CPU is summed over the three brokers per acknowledged message,"
   echo "over the measured 15 s only; peak RSS is the largest broker's. B8's figures are the read. B10 runs on"

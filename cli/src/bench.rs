@@ -18,6 +18,7 @@ use bytes::Bytes;
 use flotilla_proto::broker as pb;
 use flotilla_proto::broker::ErrorCode;
 use hdrhistogram::Histogram;
+use rand::Rng;
 use tokio::sync::Semaphore;
 
 use crate::client::Client;
@@ -228,6 +229,46 @@ async fn ensure_topic(client: &Client, topic: &str, partitions: u32, replication
     }
 }
 
+/// Distinct record values taken in turn, at most this many.
+const PAYLOAD_POOL: usize = 64;
+/// The share of each value that is random bytes, the rest a filler: OpenMessaging Benchmark's
+/// `randomBytesRatio` of 0.5, so a batch compresses about as real data does. Values of one repeated byte
+/// shrink to almost nothing under LZ4 and would flatter every stage that compresses or writes them
+/// (memtable flushes, compactions, reads of SST files).
+const RANDOM_BYTES_RATIO: f64 = 0.5;
+
+/// The record values of a benchmark: a pool of distinct `message_bytes`-long values, each its first half
+/// random bytes and the rest a filler, handed out in turn.
+#[derive(Clone)]
+pub struct Payloads {
+    pool: Arc<[Bytes]>,
+}
+
+impl Payloads {
+    pub fn new(message_bytes: usize) -> Self {
+        let random = (message_bytes as f64 * RANDOM_BYTES_RATIO).round() as usize;
+        let mut rng = rand::rng();
+        let pool = (0..PAYLOAD_POOL)
+            .map(|_| {
+                let mut value = vec![b'x'; message_bytes];
+                rng.fill(&mut value[..random.min(message_bytes)]);
+                Bytes::from(value)
+            })
+            .collect();
+        Self { pool }
+    }
+
+    /// The `n`th value (the pool taken in turn).
+    pub fn get(&self, n: usize) -> Bytes {
+        self.pool[n % self.pool.len()].clone()
+    }
+
+    /// The length of every value.
+    pub fn message_bytes(&self) -> usize {
+        self.pool[0].len()
+    }
+}
+
 fn payload_record(value: Bytes) -> pb::Record {
     pb::Record { key: None, value: Some(value), headers: vec![], timestamp_ms: 0 }
 }
@@ -235,7 +276,7 @@ fn payload_record(value: Bytes) -> pb::Record {
 /// Runs the produce benchmark against `client`, printing progress every second to stderr.
 pub async fn produce(client: Arc<Client>, bench: ProduceBench, servers: Option<&Brokers>) -> anyhow::Result<Report> {
     let partitions = ensure_topic(&client, &bench.topic, bench.partitions, bench.replication_factor).await?;
-    let payload = Bytes::from(vec![b'x'; bench.message_bytes]);
+    let payloads = Payloads::new(bench.message_bytes);
     let tally = Tally::new();
     let start = Instant::now();
     let measure_from = start + bench.warmup;
@@ -255,7 +296,8 @@ pub async fn produce(client: Arc<Client>, bench: ProduceBench, servers: Option<&
                 let run = FixedBatches {
                     client: client.clone(),
                     tally: tally.clone(),
-                    payload: payload.clone(),
+                    payloads: payloads.clone(),
+                    sent: w as usize,
                     topic: bench.topic.clone(),
                     partition: w % partitions.max(1),
                     records: bench.records_per_request.max(1),
@@ -273,7 +315,7 @@ pub async fn produce(client: Arc<Client>, bench: ProduceBench, servers: Option<&
                 let run = Batching {
                     client: client.clone(),
                     tally: tally.clone(),
-                    payload: payload.clone(),
+                    payloads: payloads.clone(),
                     topic: bench.topic.clone(),
                     partitions,
                     first_partition: p,
@@ -306,7 +348,9 @@ struct Window {
 struct FixedBatches {
     client: Arc<Client>,
     tally: Arc<Tally>,
-    payload: Bytes,
+    payloads: Payloads,
+    /// Values taken from `payloads` so far (started at the worker's number, so workers differ).
+    sent: usize,
     topic: String,
     partition: u32,
     records: u32,
@@ -324,7 +368,7 @@ fn first_due(start: Instant, interval: Duration, worker: u32, workers: u32) -> I
 }
 
 impl FixedBatches {
-    async fn run(self) {
+    async fn run(mut self) {
         let mut next_send = self.first_send;
         while Instant::now() < self.window.end {
             let now = Instant::now();
@@ -332,7 +376,9 @@ impl FixedBatches {
                 tokio::time::sleep(next_send - now).await;
             }
             let intended = if self.interval.is_some() { next_send } else { Instant::now() };
-            let records: Vec<pb::Record> = (0..self.records).map(|_| payload_record(self.payload.clone())).collect();
+            let records: Vec<pb::Record> =
+                (0..self.records as usize).map(|i| payload_record(self.payloads.get(self.sent + i))).collect();
+            self.sent += self.records as usize;
             let result = self.client.produce(&self.topic, Some(self.partition), records).await;
             let done = Instant::now();
             if let Some(interval) = self.interval {
@@ -344,7 +390,9 @@ impl FixedBatches {
             match result {
                 Ok(_) => {
                     self.tally.records.fetch_add(u64::from(self.records), Ordering::Relaxed);
-                    self.tally.bytes.fetch_add(u64::from(self.records) * self.payload.len() as u64, Ordering::Relaxed);
+                    self.tally
+                        .bytes
+                        .fetch_add(u64::from(self.records) * self.payloads.message_bytes() as u64, Ordering::Relaxed);
                     self.tally.latency(done - intended);
                 }
                 Err(e) => {
@@ -361,7 +409,7 @@ impl FixedBatches {
 struct Batching {
     client: Arc<Client>,
     tally: Arc<Tally>,
-    payload: Bytes,
+    payloads: Payloads,
     topic: String,
     partitions: u32,
     first_partition: u32,
@@ -382,6 +430,7 @@ impl Batching {
         let mut pending: VecDeque<Instant> = VecDeque::new();
         let mut next_due = self.first_due;
         let mut sends = Vec::new();
+        let mut taken = 0usize;
         while Instant::now() < self.window.end {
             // Fill the accumulator: records due by now (fixed rate), or a full batch (as fast as possible).
             let now = Instant::now();
@@ -412,10 +461,12 @@ impl Batching {
             let Ok(permit) = permits.clone().acquire_owned().await else { break };
             let take = pending.len().min(self.batch_records);
             let intended: Vec<Instant> = pending.drain(..take).collect();
-            let records: Vec<pb::Record> = intended.iter().map(|_| payload_record(self.payload.clone())).collect();
+            let records: Vec<pb::Record> =
+                (taken..taken + intended.len()).map(|n| payload_record(self.payloads.get(n))).collect();
+            taken += intended.len();
             let (client, tally, topic, window) =
                 (self.client.clone(), self.tally.clone(), self.topic.clone(), self.window);
-            let bytes = self.payload.len() as u64;
+            let bytes = self.payloads.message_bytes() as u64;
             let p = partition;
             partition = (partition + 1) % self.partitions.max(1);
             sends.push(tokio::spawn(async move {
@@ -566,12 +617,13 @@ pub async fn e2e(client: Arc<Client>, bench: ProduceBench, servers: Option<&Brok
     // the next record back (its intended time stays on schedule).
     let workers = (bench.producers * bench.in_flight).max(1);
     let interval = Duration::from_secs_f64(f64::from(workers) / rate as f64);
-    let message_bytes = bench.message_bytes.max(8);
+    let payloads = Payloads::new(bench.message_bytes.max(8));
     let mut producers = Vec::new();
     let start = Instant::now();
     for w in 0..workers {
-        let (client, tally, topic) = (client.clone(), tally.clone(), bench.topic.clone());
+        let (client, tally, topic, payloads) = (client.clone(), tally.clone(), bench.topic.clone(), payloads.clone());
         producers.push(tokio::spawn(async move {
+            let mut sent = w as usize;
             let mut next_send = first_due(start, interval, w, workers);
             let mut partition = w % partitions.max(1);
             let origin = (Instant::now(), epoch_micros());
@@ -582,7 +634,8 @@ pub async fn e2e(client: Arc<Client>, bench: ProduceBench, servers: Option<&Brok
                 }
                 // The intended send time, on the epoch clock the consumers read.
                 let stamp = origin.1 + next_send.saturating_duration_since(origin.0).as_micros() as u64;
-                let mut value = vec![b'x'; message_bytes];
+                let mut value = payloads.get(sent).to_vec();
+                sent += 1;
                 value[..8].copy_from_slice(&stamp.to_be_bytes());
                 let sent = client.produce(&topic, Some(partition), vec![payload_record(Bytes::from(value))]).await;
                 if sent.is_err() {
@@ -858,6 +911,19 @@ pub fn markdown_row(id: &str, title: &str, runs: &[Report]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn benchmark_values_are_half_random_and_differ_from_one_another() {
+        let payloads = Payloads::new(1024);
+        assert_eq!(payloads.message_bytes(), 1024);
+        let values: Vec<Bytes> = (0..PAYLOAD_POOL).map(|n| payloads.get(n)).collect();
+        assert!(values.iter().all(|v| v.len() == 1024 && v[512..].iter().all(|b| *b == b'x')));
+        let distinct: std::collections::HashSet<&[u8]> = values.iter().map(|v| &v[..512]).collect();
+        assert_eq!(distinct.len(), PAYLOAD_POOL, "every value of the pool has random bytes of its own");
+        // Random halves: nowhere near one repeated byte (a run of 64 equal bytes is practically impossible).
+        assert!(values.iter().all(|v| v[..512].windows(64).all(|w| w.iter().any(|b| *b != w[0]))));
+        assert_eq!(payloads.get(PAYLOAD_POOL), values[0], "the pool is taken in turn");
+    }
 
     #[test]
     fn this_process_has_cpu_time_and_a_peak_rss() {
