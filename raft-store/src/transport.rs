@@ -625,11 +625,14 @@ impl OpenStream {
 pub struct GroupNetworkFactory {
     group: GroupId,
     pool: Arc<PeerPool>,
+    /// Per peer: the pause of this group's replication streams after failed ones, shared by every client
+    /// of the group towards that peer, so that an answered heartbeat ends it.
+    retries: HashMap<NodeId, Arc<PeerRetry>>,
 }
 
 impl GroupNetworkFactory {
     pub fn new(group: GroupId, pool: Arc<PeerPool>) -> Self {
-        Self { group, pool }
+        Self { group, pool, retries: HashMap::new() }
     }
 }
 
@@ -647,7 +650,7 @@ impl RaftNetworkFactory<TypeConfig> for GroupNetworkFactory {
 }
 
 impl GroupNetworkFactory {
-    fn network(&self, target: NodeId, node: &BasicNode, heartbeats: bool) -> GroupNetwork {
+    fn network(&mut self, target: NodeId, node: &BasicNode, heartbeats: bool) -> GroupNetwork {
         GroupNetwork {
             group: self.group,
             self_id: self.pool.self_id,
@@ -656,7 +659,7 @@ impl GroupNetworkFactory {
             client: self.pool.client(target, &node.addr),
             beats: if heartbeats { self.pool.beats(target, &node.addr).ok() } else { None },
             pool: self.pool.clone(),
-            retry: Arc::default(),
+            retry: self.retries.entry(target).or_default().clone(),
         }
     }
 }
@@ -674,12 +677,12 @@ pub struct GroupNetwork {
     beats: Option<BeatQueue>,
     /// Its replication streams join the peer's append connection.
     pool: Arc<PeerPool>,
-    /// When its next replication stream may start, after streams that failed.
-    retry: Arc<Mutex<StreamRetry>>,
+    /// When the group's next replication stream to the peer may start, after streams that failed.
+    retry: Arc<PeerRetry>,
 }
 
 /// The first pause before a group's next replication stream to a peer after one failed; it doubles with
-/// each further failure up to [`STREAM_RETRY_PAUSE_MAX`], and a reply ends it.
+/// each further failure up to [`STREAM_RETRY_PAUSE_MAX`], and a reply or an answered heartbeat ends it.
 const STREAM_RETRY_PAUSE_FIRST: Duration = Duration::from_millis(10);
 const STREAM_RETRY_PAUSE_MAX: Duration = Duration::from_millis(500);
 
@@ -693,7 +696,9 @@ const STREAM_RETRY_PAUSE_MAX: Duration = Duration::from_millis(500);
 /// brokers spent 0.9 of a core each on it (0.13 with the pause). Any failed stream starts the pause (a
 /// refused connection, a reply that timed out, an error from the peer). The stream is handed to openraft
 /// at once and the pause is its wait for a first reply, which openraft races against its cancel signal,
-/// so a replication task told to stop does not sit it out.
+/// so a replication task told to stop does not sit it out. A reply on a stream, or an answered heartbeat
+/// of the group to that peer, ends the pause ([`PeerRetry`]): a peer that came back gets its entries at
+/// its first heartbeat (every 250 ms), not when a pause of up to 500 ms runs out.
 #[derive(Debug, Default)]
 struct StreamRetry {
     failures: u32,
@@ -715,6 +720,52 @@ impl StreamRetry {
         let doublings = self.failures.saturating_sub(1).min(16);
         let pause = STREAM_RETRY_PAUSE_FIRST.saturating_mul(1 << doublings).min(STREAM_RETRY_PAUSE_MAX);
         self.last_failure.map(|at| at + pause)
+    }
+}
+
+/// One group's [`StreamRetry`] towards one peer, shared by its replication and heartbeat clients, and the
+/// signal that wakes a stream waiting out its pause when the pause ends early.
+#[derive(Debug, Default)]
+struct PeerRetry {
+    state: Mutex<StreamRetry>,
+    resumed: tokio::sync::Notify,
+}
+
+impl PeerRetry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, StreamRetry> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn failed(&self) {
+        self.lock().failed(tokio::time::Instant::now());
+    }
+
+    /// The peer answered: any pause ends, and a stream waiting it out starts now.
+    fn answered(&self) {
+        let mut state = self.lock();
+        if state.failures > 0 {
+            state.answered();
+            drop(state);
+            self.resumed.notify_waiters();
+        }
+    }
+
+    /// Waits until the next stream may start: its pause ran out, or the peer answered meanwhile.
+    async fn until_next_start(&self) {
+        loop {
+            // Registered before the state is read, so an answer between the two still wakes it.
+            let resumed = self.resumed.notified();
+            let mut resumed = std::pin::pin!(resumed);
+            resumed.as_mut().enable();
+            let Some(at) = self.lock().next_start() else { return };
+            if at <= tokio::time::Instant::now() {
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(at) => {}
+                () = resumed => {}
+            }
+        }
     }
 }
 
@@ -791,7 +842,7 @@ fn open_replication_stream<S>(
     target: NodeId,
     addr: &str,
     input: S,
-    retry: Arc<Mutex<StreamRetry>>,
+    retry: Arc<PeerRetry>,
 ) -> Result<AppendReplies<'static>, RPCError<TypeConfig>>
 where
     S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
@@ -825,8 +876,8 @@ where
         };
         match &item {
             Ok(_) if answered => {}
-            Ok(_) => retry.lock().unwrap_or_else(|p| p.into_inner()).answered(),
-            Err(_) => retry.lock().unwrap_or_else(|p| p.into_inner()).failed(tokio::time::Instant::now()),
+            Ok(_) => retry.answered(),
+            Err(_) => retry.failed(),
         }
         let answered = answered || item.is_ok();
         Some((item, (open, retry, answered)))
@@ -861,10 +912,10 @@ impl GroupNetwork {
     where
         S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
     {
-        let (group, self_id, target) = (self.group, self.self_id, self.target);
+        let (group, self_id, target, retry) = (self.group, self.self_id, self.target, self.retry.clone());
         let ttl = option.soft_ttl();
         let replies = input.then(move |req| {
-            let beats = beats.clone();
+            let (beats, retry) = (beats.clone(), retry.clone());
             async move {
                 let (reply, outcome) = tokio::sync::oneshot::channel();
                 if beats.send(Beat { request: pb_append(group, &req), reply }).is_err() {
@@ -874,7 +925,13 @@ impl GroupNetwork {
                     Err(_) => Err(timed_out(self_id, target, RPCTypes::AppendEntries, ttl)),
                     Ok(Err(_)) => Err(RPCError::Network(NetworkError::from_string("heartbeat dropped unanswered"))),
                     Ok(Ok(Err(status))) => Err(rpc_error(status)),
-                    Ok(Ok(Ok(reply))) => from_pb_append_reply(reply).map_err(rpc_error),
+                    Ok(Ok(Ok(reply))) => {
+                        let reply = from_pb_append_reply(reply).map_err(rpc_error);
+                        if reply.is_ok() {
+                            retry.answered();
+                        }
+                        reply
+                    }
                 }
             }
         });
@@ -913,23 +970,25 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
             return self.beat_stream(beats, input, option);
         }
         let retry = self.retry.clone();
-        let next_start = retry.lock().unwrap_or_else(|p| p.into_inner()).next_start();
+        let paused = retry.lock().next_start().is_some();
         let (pool, group, target, addr) = (self.pool.clone(), self.group, self.target, self.addr.clone());
-        let open = move || {
+        let open = move |retry: Arc<PeerRetry>| {
             let opened = open_replication_stream(&pool, group, target, &addr, input, retry.clone());
             if opened.is_err() {
-                retry.lock().unwrap_or_else(|p| p.into_inner()).failed(tokio::time::Instant::now());
+                retry.failed();
             }
             opened
         };
         Box::pin(async move {
-            let Some(at) = next_start else { return open() };
+            if !paused {
+                return open(retry);
+            }
             // The pause is the reply stream's wait for its first item: openraft waits for replies and for
             // its cancel signal together, so a replication task that must stop (its leader stepped down)
             // does not sit out the pause.
             let delayed = futures::stream::once(async move {
-                tokio::time::sleep_until(at).await;
-                open().unwrap_or_else(|e| Box::pin(futures::stream::iter([Err(e)])))
+                retry.until_next_start().await;
+                open(retry).unwrap_or_else(|e| Box::pin(futures::stream::iter([Err(e)])))
             })
             .flatten();
             Ok(Box::pin(delayed) as AppendReplies<'s>)
@@ -1612,7 +1671,7 @@ mod tests {
         // slowness cannot end it, the next stream is handed over at once and opens when its pause ends.
         tokio::time::pause();
         let next_start = {
-            let mut retry = retry.lock().expect("retry");
+            let mut retry = retry.state.lock().expect("retry");
             assert!(retry.next_start().is_some(), "the failed stream starts a pause");
             for _ in 0..6 {
                 retry.failed(tokio::time::Instant::now());
@@ -1646,7 +1705,7 @@ mod tests {
         let mut replies =
             network.stream_append(futures::stream::iter([append_request()]), option).await.expect("stream");
         for _ in 0..3 {
-            retry.lock().expect("retry").failed(tokio::time::Instant::now());
+            retry.failed();
         }
         let mux = pool.muxes.lock().expect("muxes").values().next().cloned().expect("a connection");
         let matched = pb::AppendReply { result: Some(pb::append_reply::Result::MatchedEmpty(true)) };
@@ -1655,8 +1714,52 @@ mod tests {
             body: Some(pb::append_reply_frame::Body::Reply(matched)),
         }]);
         assert!(matches!(replies.next().await, Some(Ok(Ok(None)))), "the reply is handed over");
-        assert_eq!(retry.lock().expect("retry").next_start(), None, "a reply ends the pause");
+        assert_eq!(retry.state.lock().expect("retry").next_start(), None, "a reply ends the pause");
         drop(listener);
+    }
+
+    #[tokio::test]
+    async fn an_answered_heartbeat_ends_the_pause_of_the_groups_streams_to_that_peer() {
+        // The peer refuses replication connections; the group's heartbeats to it go through a queue the
+        // test answers, as a peer that came back would.
+        let addr = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr");
+        let node = BasicNode::new(addr.to_string());
+        let pool = PeerPool::new(1, HashMap::new());
+        let mut factory = GroupNetworkFactory::new(7, pool.clone());
+        let mut replication = factory.network(2, &node, false);
+        let mut heartbeats = factory.network(2, &node, true);
+        let (queue, mut beats) = tokio::sync::mpsc::unbounded_channel();
+        heartbeats.beats = Some(queue);
+        let option = RPCOption::new(Duration::from_secs(1));
+        let mut replies =
+            replication.stream_append(futures::stream::iter([append_request()]), option.clone()).await.expect("stream");
+        assert!(matches!(replies.next().await, Some(Err(RPCError::Unreachable(_)))), "the peer refuses connections");
+        drop(replies);
+        let connection = || pool.muxes.lock().expect("muxes").values().next().cloned().expect("a connection");
+        let failed = connection();
+
+        // On a stopped clock, with the pause at its longest, the next stream waits it out.
+        tokio::time::pause();
+        for _ in 0..6 {
+            replication.retry.failed();
+        }
+        let pause_end = replication.retry.lock().next_start().expect("a pause");
+        let mut replies =
+            replication.stream_append(futures::stream::iter([append_request()]), option.clone()).await.expect("stream");
+        assert!(futures::poll!(replies.next()).is_pending());
+        assert!(Arc::ptr_eq(&failed, &connection()), "the next stream waits out its pause");
+
+        let mut answers =
+            heartbeats.stream_append(futures::stream::iter([append_request()]), option).await.expect("beats");
+        let matched = pb::AppendReply { result: Some(pb::append_reply::Result::MatchedEmpty(true)) };
+        let (answer, ()) = tokio::join!(answers.next(), async {
+            let beat = beats.recv().await.expect("the group's heartbeat");
+            beat.reply.send(Ok(matched)).expect("the heartbeat waits for its answer");
+        });
+        assert!(matches!(answer, Some(Ok(Ok(None)))), "the heartbeat is answered");
+        let _ = futures::poll!(replies.next());
+        assert!(!Arc::ptr_eq(&failed, &connection()), "the stream opens once a heartbeat is answered");
+        assert!(tokio::time::Instant::now() < pause_end, "and not because its pause ran out");
     }
 
     #[tokio::test]
