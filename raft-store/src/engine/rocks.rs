@@ -25,6 +25,9 @@ pub struct RocksConfig {
     /// Forces memtable flushes once the WAL holds this much, so old WAL files can be deleted.
     pub wal_bytes_max: u64,
     pub background_jobs: i32,
+    /// Memtable flushes and compactions write their files with direct I/O (O_DIRECT), where the data
+    /// directory takes it ([`direct_writes_work`]).
+    pub direct_writes: bool,
 }
 
 impl Default for RocksConfig {
@@ -34,8 +37,33 @@ impl Default for RocksConfig {
             block_cache_bytes: 64 << 20,
             wal_bytes_max: 512 << 20,
             background_jobs: 2,
+            direct_writes: true,
         }
     }
+}
+
+/// Whether files in `dir` can be written with direct I/O: open one with O_DIRECT and write one aligned
+/// block. Some filesystems refuse O_DIRECT (tmpfs before Linux 6.6, some FUSE filesystems), and RocksDB
+/// would only find out at its first memtable flush, which would then fail and stop the store.
+fn direct_writes_work(dir: &Path) -> bool {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    const BLOCK: usize = 4096;
+    let probe = dir.join(".direct-io-probe");
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+        .open(&probe)
+        .and_then(|mut file| {
+            let buffer = vec![0u8; 2 * BLOCK];
+            let start = buffer.as_ptr().align_offset(BLOCK);
+            let block = buffer.get(start..start.saturating_add(BLOCK)).ok_or(std::io::ErrorKind::InvalidInput)?;
+            file.write_all(block)
+        });
+    let _ = std::fs::remove_file(&probe);
+    written.is_ok()
 }
 
 /// Obsolete WAL files kept for reuse as new WALs.
@@ -92,6 +120,7 @@ impl RocksEngine {
     /// Opens (creating if missing) the node's database at `path`.
     pub fn open(path: impl AsRef<Path>, config: &RocksConfig) -> Result<Self, EngineError> {
         let path = path.as_ref().to_path_buf();
+        std::fs::create_dir_all(&path).map_err(|e| EngineError::Backend(format!("{}: {e}", path.display())))?;
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -106,6 +135,18 @@ impl RocksEngine {
         // switch wait on ext4 journal commits: 20-50 ms stalls, every few seconds under load, on every node.
         opts.set_recycle_log_file_num(WAL_FILES_RECYCLED);
         opts.set_bytes_per_sync(1 << 20);
+        // Memtable flushes and compactions write past the page cache. Through it, their tens of MB at a
+        // time were copied into fresh pages and then written back in bursts that the group commit's
+        // fdatasyncs queued behind: B7 with batching producers gave 85-89 MB/s with a p99 of 220-260 ms
+        // buffered, 104-109 MB/s and 62-65 ms direct (2 runs each, alternated). Reads stay buffered.
+        let direct = config.direct_writes && direct_writes_work(&path);
+        if config.direct_writes && !direct {
+            tracing::warn!(
+                "{} does not take direct (O_DIRECT) writes: memtable flushes and compactions go through the page cache",
+                path.display()
+            );
+        }
+        opts.set_use_direct_io_for_flush_and_compaction(direct);
         // Memtable flushes of different column families must not reorder what a crash can leave behind.
         opts.set_atomic_flush(true);
         // Flushes and compactions run at the lowest CPU priority (nice 19; RocksDB's thread pools are the
@@ -239,6 +280,36 @@ mod tests {
         b.delete_range(Cf::Log, vec![0; 16], vec![1; 16]);
         let wb = e.rocks_batch(&b).expect("batch");
         assert!(wb.size_in_bytes() <= batch_capacity(&b), "{} > {}", wb.size_in_bytes(), batch_capacity(&b));
+    }
+
+    #[test]
+    fn a_directory_that_takes_no_files_fails_the_direct_write_probe() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(!direct_writes_work(&dir.path().join("missing")), "nothing can be opened there");
+    }
+
+    #[test]
+    fn flushed_and_compacted_files_are_read_back() {
+        // Flushes and compactions write with direct I/O where the directory takes it (it does here on
+        // ext4 and tmpfs); either way what they wrote must read back.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = RocksEngine::open(dir.path(), &RocksConfig::default()).expect("open");
+        for round in 0u8..3 {
+            let mut b = WriteBatch::new();
+            for i in 0u8..100 {
+                b.put(Cf::Log, vec![round, i], Bytes::from(vec![i; 5000]));
+            }
+            e.write(b).expect("write");
+            e.db.flush_cf(e.handle(Cf::Log).expect("cf")).expect("flush");
+        }
+        e.db.compact_range_cf(e.handle(Cf::Log).expect("cf"), None::<&[u8]>, None::<&[u8]>);
+        drop(e);
+        let e = RocksEngine::open(dir.path(), &RocksConfig::default()).expect("reopen");
+        for round in 0u8..3 {
+            for i in [0u8, 42, 99] {
+                assert_eq!(e.get(Cf::Log, &[round, i]).expect("get"), Some(Bytes::from(vec![i; 5000])));
+            }
+        }
     }
 
     #[test]
