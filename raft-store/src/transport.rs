@@ -866,9 +866,9 @@ where
     if mux.opened.send(Box::pin(frames)).is_err() {
         return Err(RPCError::Unreachable(Unreachable::from_string("the append connection failed")));
     }
-    // Only the stream's first reply and its error touch `retry`: nothing else writes it while the stream
-    // lives (openraft opens the group's next stream once this one's replies end), so later replies, the
-    // replication path proper, take no lock.
+    // Only the stream's first reply and its error touch `retry` (a later reply has nothing to end: the
+    // first one did, and since then only heartbeats' answers, which end pauses too, and this stream's
+    // own failure can have changed it), so later replies, the replication path proper, take no lock.
     let replies = futures::stream::unfold((open, retry, false), |(mut open, retry, answered)| async move {
         let item = match open.next().await? {
             Ok(reply) => from_pb_append_reply(reply).map_err(rpc_error),
@@ -1631,6 +1631,21 @@ mod tests {
         }
     }
 
+    /// The one append connection `pool` has opened.
+    fn only_connection(pool: &PeerPool) -> Arc<AppendMux> {
+        pool.muxes.lock().expect("muxes").values().next().cloned().expect("a connection")
+    }
+
+    /// Opens a replication stream of `network` to a peer that refuses connections, sees it fail, and
+    /// returns the connection it failed on.
+    async fn fail_one_stream(network: &mut GroupNetwork, pool: &PeerPool, option: &RPCOption) -> Arc<AppendMux> {
+        let mut replies =
+            network.stream_append(futures::stream::iter([append_request()]), option.clone()).await.expect("stream");
+        assert!(matches!(replies.next().await, Some(Err(RPCError::Unreachable(_)))), "the peer refuses connections");
+        drop(replies);
+        only_connection(pool)
+    }
+
     #[test]
     fn a_group_pauses_longer_after_each_failed_stream_and_not_at_all_after_a_reply() {
         let t0 = tokio::time::Instant::now();
@@ -1660,12 +1675,8 @@ mod tests {
         let mut network = GroupNetworkFactory::new(7, pool.clone()).network(2, &BasicNode::new(&addr), false);
         let retry = network.retry.clone();
         let option = RPCOption::new(Duration::from_secs(1));
-        let mut replies =
-            network.stream_append(futures::stream::iter([append_request()]), option.clone()).await.expect("stream");
-        assert!(matches!(replies.next().await, Some(Err(RPCError::Unreachable(_)))), "the peer refuses connections");
-        drop(replies);
-        let connection = || pool.muxes.lock().expect("muxes").values().next().cloned().expect("a connection");
-        let failed = connection();
+        let failed = fail_one_stream(&mut network, &pool, &option).await;
+        let connection = || only_connection(&pool);
 
         // On a stopped clock, with the pause at its longest (six more failures) so that the test's own
         // slowness cannot end it, the next stream is handed over at once and opens when its pause ends.
@@ -1731,12 +1742,8 @@ mod tests {
         let (queue, mut beats) = tokio::sync::mpsc::unbounded_channel();
         heartbeats.beats = Some(queue);
         let option = RPCOption::new(Duration::from_secs(1));
-        let mut replies =
-            replication.stream_append(futures::stream::iter([append_request()]), option.clone()).await.expect("stream");
-        assert!(matches!(replies.next().await, Some(Err(RPCError::Unreachable(_)))), "the peer refuses connections");
-        drop(replies);
-        let connection = || pool.muxes.lock().expect("muxes").values().next().cloned().expect("a connection");
-        let failed = connection();
+        let failed = fail_one_stream(&mut replication, &pool, &option).await;
+        let connection = || only_connection(&pool);
 
         // On a stopped clock, with the pause at its longest, the next stream waits it out.
         tokio::time::pause();
