@@ -180,10 +180,13 @@ pub async fn run(duration: Duration, warmup: Duration) -> anyhow::Result<Failove
     let after_kill = Arc::new(after_kill);
     let after_restart = Arc::new(Mutex::new(crate::bench::new_histogram()));
     let interval = Duration::from_secs_f64(f64::from(SENDERS) / RATE as f64);
+    // Half-random values, as every benchmark shape sends (`bench::Payloads`); the first 8 bytes carry the
+    // sender and sequence the loss check looks for.
+    let payloads = crate::bench::Payloads::new(MESSAGE_BYTES);
     let mut senders = Vec::new();
     for w in 0..SENDERS {
         let (client, tally, acks) = (client.clone(), tally.clone(), acks.clone());
-        let (after_kill, after_restart) = (after_kill.clone(), after_restart.clone());
+        let (after_kill, after_restart, payloads) = (after_kill.clone(), after_restart.clone(), payloads.clone());
         senders.push(tokio::spawn(async move {
             // Spread the senders' schedules over one interval.
             let mut next_send = start + interval * w / SENDERS;
@@ -195,7 +198,7 @@ pub async fn run(duration: Duration, warmup: Duration) -> anyhow::Result<Failove
                 }
                 let value = (u64::from(w) << 40) | seq;
                 seq += 1;
-                let mut bytes = vec![b'x'; MESSAGE_BYTES];
+                let mut bytes = payloads.get(seq as usize).to_vec();
                 bytes[..8].copy_from_slice(&value.to_be_bytes());
                 let record =
                     pb::Record { key: None, value: Some(Bytes::from(bytes)), headers: vec![], timestamp_ms: 0 };
