@@ -9,7 +9,7 @@ use std::io;
 use bytes::{Bytes, BytesMut};
 
 use crate::record_batch;
-use crate::state_machine::{PartitionState, SmShared, decode_batches};
+use crate::state_machine::{IndexRow, PartitionState, SmShared, decode_batches};
 use crate::types::{EntryPayload, term_of};
 
 /// A stored RecordBatch, ready to serve.
@@ -39,6 +39,28 @@ const ROWS_PER_READ: usize = 256;
 /// first batch is returned whole even if larger than `max_bytes`, so a consumer always makes progress. The
 /// first batch may start before `offset` (batches are never split); consumers skip the records before it.
 pub fn read(sm: &SmShared, offset: u64, max_bytes: usize) -> Result<(Vec<FetchedBatch>, PartitionState), ReadError> {
+    read_from(sm, offset, max_bytes, false)?
+        .ok_or_else(|| io::Error::other("a read that may use storage returned nothing").into())
+}
+
+/// [`read`] if the log's tail cache holds the entries it starts with, so that it reads no log entry from
+/// storage (only offset-index rows, which are small and recent ones in memory);
+/// `Ok(None)` otherwise. A fetch that follows the tail is served on the caller's thread; one that reads
+/// older entries (a consumer catching up) goes where blocking on the disk stalls nothing else.
+pub fn read_cached(
+    sm: &SmShared,
+    offset: u64,
+    max_bytes: usize,
+) -> Result<Option<(Vec<FetchedBatch>, PartitionState)>, ReadError> {
+    read_from(sm, offset, max_bytes, true)
+}
+
+fn read_from(
+    sm: &SmShared,
+    offset: u64,
+    max_bytes: usize,
+    cached_only: bool,
+) -> Result<Option<(Vec<FetchedBatch>, PartitionState)>, ReadError> {
     let state = sm.partition_state();
     if offset < state.log_start_offset || offset > state.high_watermark {
         return Err(ReadError::OffsetOutOfRange {
@@ -68,11 +90,34 @@ pub fn read(sm: &SmShared, offset: u64, max_bytes: usize) -> Result<(Vec<Fetched
                 high_watermark: now.high_watermark,
             });
         }
-        for row in rows {
-            if row.base_offset + u64::from(row.count) <= next {
-                continue;
+        // The rows wholly before `next` (only the first can be) are skipped; the entries of the rest are
+        // read with one scan of the log, not one lookup each: a lookup per entry opened an iterator per
+        // entry, and a log read from disk got no readahead.
+        let rows: Vec<IndexRow> =
+            rows.into_iter().filter(|row| row.base_offset + u64::from(row.count) > next).collect();
+        let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+            break;
+        };
+        // The cache holds the log's newest entries: if it holds the first, it holds the rest (unless it
+        // evicted them meanwhile: then what was gathered is served).
+        if cached_only && sm.log().cached_from().is_none_or(|from| first.raft_index < from) {
+            if out.is_empty() {
+                return Ok(None);
             }
-            let Some(entry) = sm.log().entry(row.raft_index)? else {
+            break;
+        }
+        let entries =
+            sm.log().entries_limited(first.raft_index, last.raft_index + 1, max_bytes.saturating_sub(bytes))?;
+        let mut entries = entries.into_iter();
+        for (i, row) in rows.iter().enumerate() {
+            // Entries between the rows carry no records (blank and membership entries).
+            let Some(entry) =
+                entries.find(|e| e.log_id.index >= row.raft_index).filter(|e| e.log_id.index == row.raft_index)
+            else {
+                if i > 0 {
+                    // The scan stopped at its byte budget: read on from this row, if the budget is not spent.
+                    break;
+                }
                 // Purged by retention between the state check and this read.
                 let now = sm.partition_state();
                 return Err(ReadError::OffsetOutOfRange {
@@ -117,5 +162,5 @@ pub fn read(sm: &SmShared, offset: u64, max_bytes: usize) -> Result<(Vec<Fetched
             }
         }
     }
-    Ok((out, state))
+    Ok(Some((out, state)))
 }

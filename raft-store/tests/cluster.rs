@@ -346,11 +346,16 @@ fn record(g: u64, i: u64) -> Record {
 
 /// Every record of group `g` readable on node `id` from `from` to the high watermark, as (offset, value).
 fn read_all(node: &RaftNode, g: u64, from: u64) -> Vec<(i64, Bytes)> {
+    read_all_by(node, g, from, 64 << 10)
+}
+
+/// [`read_all`] with reads of at most `max_bytes` each.
+fn read_all_by(node: &RaftNode, g: u64, from: u64, max_bytes: usize) -> Vec<(i64, Bytes)> {
     let group = node.group(g).expect("group hosted");
     let mut out = Vec::new();
     let mut next = from;
     loop {
-        let (batches, state) = partition::read(&group.sm, next, 64 << 10).expect("read");
+        let (batches, state) = partition::read(&group.sm, next, max_bytes).expect("read");
         for b in &batches {
             for r in record_batch::records(&b.bytes).expect("valid batch") {
                 let r = r.expect("record");
@@ -409,6 +414,62 @@ async fn fifty_groups_replicate_ten_thousand_records_densely_to_every_replica() 
     }
     let stats: Vec<_> = (1..=3).map(|id| cluster.node(id).sync_stats()).collect();
     assert!(stats.iter().all(|s| s.syncs > 0 && s.entries >= GROUPS * ENTRIES_PER_GROUP));
+    cluster.shutdown().await;
+}
+
+/// A read gathers whole batches until its byte budget is reached, skips the entries that hold no records
+/// (a new leader's blank entry), and reads from the engine what its tail cache does not hold (a restarted
+/// node's whole log); a read that must use no storage is served only from the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_stop_after_the_batch_reaching_their_budget_and_skip_entries_without_records() {
+    const G: u64 = 4;
+    let mut cluster = Cluster::start(3).await;
+    cluster.create_group(G).await;
+    let five = |from: u64| (from..from + 5).map(|i| record(G, i)).collect::<Vec<_>>();
+    for e in 0..10 {
+        cluster.append(G, &five(e * 5)).await;
+    }
+    // A new term: its leader's blank entry lands between the two halves of the records.
+    let (_, old) = cluster.leader_and_id(G).await;
+    let (led, _) = cluster.node(old).hand_off_leaderships(Duration::from_secs(10)).await;
+    assert_eq!(led, 1, "node {old} handed its leadership off");
+    for e in 10..20 {
+        cluster.append(G, &five(e * 5)).await;
+    }
+    wait_high_watermark(&cluster, G, &[1, 2, 3], 100).await;
+    // Node 3 restarts: its tail cache starts empty, so every read there goes to the engine.
+    cluster.stop(3).await;
+    cluster.restart(3).await;
+    wait_high_watermark(&cluster, G, &[3], 100).await;
+    let expected: Vec<(i64, Bytes)> = (0..100).map(|i| (i as i64, record(G, i).value.expect("value"))).collect();
+    for id in 1..=3 {
+        let group = cluster.node(id).group(G).expect("group");
+        let read = |offset: u64, max_bytes: usize| {
+            let (batches, _) = partition::read(&group.sm, offset, max_bytes).expect("read");
+            batches.iter().map(|b| (b.base_offset, b.last_offset, b.bytes.len())).collect::<Vec<_>>()
+        };
+        let one: Vec<_> = (0..20).map(|e| read(e * 5, 1)).collect();
+        for (e, batches) in (0u64..).zip(&one) {
+            assert_eq!(batches.iter().map(|b| (b.0, b.1)).collect::<Vec<_>>(), [(e * 5, e * 5 + 4)], "node {id}");
+        }
+        // From the middle of a batch: the batch holding the offset comes whole.
+        assert_eq!(read(47, 1), one[9], "node {id}");
+        // Across the blank entry, with a budget the 9th and 10th batches reach only with the 11th.
+        let budget = one[8][0].2 + one[9][0].2 + 1;
+        assert_eq!(read(40, budget), [one[8][0], one[9][0], one[10][0]], "node {id}");
+        assert_eq!(read(0, 1 << 20).len(), 20, "node {id}: every batch in one read");
+        assert_eq!(read_all_by(cluster.node(id), G, 0, 1), expected, "node {id}, a batch per read");
+        assert_eq!(read_all_by(cluster.node(id), G, 0, budget), expected, "node {id}, three batches per read");
+    }
+    // The nodes that appended every entry serve the whole log from their tail caches; the restarted node's
+    // cache holds none of it, so a read there that must use no storage declines.
+    for id in 1..=2 {
+        let sm = &cluster.node(id).group(G).expect("group").sm;
+        let cached = partition::read_cached(sm, 0, 1 << 20).expect("read").expect("served from the cache");
+        assert_eq!(cached, partition::read(sm, 0, 1 << 20).expect("read"), "node {id}");
+    }
+    let sm = &cluster.node(3).group(G).expect("group").sm;
+    assert!(partition::read_cached(sm, 0, 1 << 20).expect("read").is_none(), "node 3's cache starts empty");
     cluster.shutdown().await;
 }
 
