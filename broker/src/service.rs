@@ -729,21 +729,12 @@ impl Flotilla for FlotillaService {
             Ok(pb::OffsetSpec::Earliest) => state.log_start_offset,
             Ok(pb::OffsetSpec::Latest) => state.high_watermark,
             Ok(pb::OffsetSpec::Timestamp) => {
-                let rows = group
-                    .sm
-                    .index_rows_from(state.log_start_offset, state.high_watermark, usize::MAX)
-                    .map_err(BrokerError::storage)?;
-                match rows.iter().find(|r| r.max_timestamp >= req.timestamp_ms) {
-                    None => state.high_watermark,
-                    Some(row) => {
-                        let (fetched, _) = Self::read_records(&group, row.base_offset, FETCH_BYTES_DEFAULT).await?;
-                        fetched
-                            .records
-                            .iter()
-                            .find(|r| r.timestamp_ms >= req.timestamp_ms)
-                            .map_or(row.base_offset + u64::from(row.count), |r| r.offset)
-                    }
-                }
+                // A scan of the offset index, and a read of the entry it finds: off the runtime's threads.
+                let (sm, ts) = (group.sm.clone(), req.timestamp_ms);
+                tokio::task::spawn_blocking(move || partition::offset_at_time(&sm, ts))
+                    .await
+                    .map_err(|e| BrokerError::storage(format!("{what}: the lookup by time failed: {e}")))?
+                    .map_err(read_error)?
             }
             _ => {
                 return Err(BrokerError::new(

@@ -55,6 +55,42 @@ pub fn read_cached(
     read_from(sm, offset, max_bytes, true)
 }
 
+/// The offset of the first record stamped `timestamp_ms` or later, or the high watermark if there is
+/// none (Kafka's ListOffsets by timestamp). The offset index is scanned [`ROWS_PER_READ`] rows at a time,
+/// so the lookup holds a bounded number of rows however long the log; then the entry of the first row whose
+/// newest record is that late is read to find the record.
+pub fn offset_at_time(sm: &SmShared, timestamp_ms: i64) -> Result<u64, ReadError> {
+    let state = sm.partition_state();
+    let mut next = state.log_start_offset;
+    while next < state.high_watermark {
+        let rows = sm.index_rows_from(next, state.high_watermark, ROWS_PER_READ)?;
+        let Some(last) = rows.last() else {
+            break;
+        };
+        if let Some(row) = rows.iter().find(|r| r.max_timestamp >= timestamp_ms) {
+            let end = row.base_offset + u64::from(row.count);
+            let from = row.base_offset.max(state.log_start_offset);
+            let (batches, _) = read(sm, from, row.bytes as usize)?;
+            for batch in batches.iter().filter(|b| b.base_offset < end) {
+                let records = record_batch::records(&batch.bytes).map_err(io::Error::other)?;
+                for r in records {
+                    let r = r.map_err(io::Error::other)?;
+                    if r.record.timestamp_ms >= timestamp_ms && r.offset >= from as i64 {
+                        return Ok(r.offset as u64);
+                    }
+                }
+            }
+            return Ok(end);
+        }
+        let after = last.base_offset + u64::from(last.count);
+        if after <= next {
+            break;
+        }
+        next = after;
+    }
+    Ok(state.high_watermark)
+}
+
 fn read_from(
     sm: &SmShared,
     offset: u64,

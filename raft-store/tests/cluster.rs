@@ -473,6 +473,33 @@ async fn reads_stop_after_the_batch_reaching_their_budget_and_skip_entries_witho
     cluster.shutdown().await;
 }
 
+/// A lookup by time finds the first record stamped at or after it, inside an entry and past the first
+/// chunk of offset-index rows it scans; a time after every record gives the high watermark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_by_time_finds_the_first_record_at_or_after_it() {
+    const G: u64 = 6;
+    const ENTRIES: u64 = 300;
+    let cluster = Cluster::start(3).await;
+    cluster.create_group(G).await;
+    // Record i is stamped T0 + i (see `record`), two records per entry.
+    for e in 0..ENTRIES {
+        cluster.append(G, &[record(G, 2 * e), record(G, 2 * e + 1)]).await;
+    }
+    wait_high_watermark(&cluster, G, &[1, 2, 3], 2 * ENTRIES).await;
+    let t0 = record(G, 0).timestamp_ms;
+    for id in 1..=3 {
+        let sm = &cluster.node(id).group(G).expect("group").sm;
+        let at = |ts: i64| partition::offset_at_time(sm, ts).expect("lookup");
+        assert_eq!(at(t0 - 1), 0, "node {id}: before every record");
+        assert_eq!(at(t0), 0, "node {id}");
+        assert_eq!(at(t0 + 1), 1, "node {id}: the second record of an entry");
+        assert_eq!(at(t0 + 555), 555, "node {id}: past the first 256 entries");
+        assert_eq!(at(t0 + 599), 599, "node {id}: the last record");
+        assert_eq!(at(t0 + 600), 600, "node {id}: after every record, the high watermark");
+    }
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follower_offline_across_a_retention_cut_catches_up_and_restarts_serve_from_the_cut() {
     const G: u64 = 9;
