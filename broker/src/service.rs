@@ -18,7 +18,7 @@ use flotilla_proto::broker::flotilla_server::Flotilla;
 use flotilla_raft_store::node::{Group, GroupError};
 use flotilla_raft_store::partition::{self, ReadError};
 use flotilla_raft_store::record_batch::{self, ProducerInfo, Record, RecordHeader};
-use flotilla_raft_store::state_machine::{KvCommand, PartitionState};
+use flotilla_raft_store::state_machine::KvCommand;
 use flotilla_raft_store::types::Response;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -423,34 +423,12 @@ impl FlotillaService {
         let _ = tokio::time::timeout(wait, state.wait_for(|s| s.high_watermark > offset)).await;
     }
 
-    /// Reads records from `offset`; returns them and the bytes of the batches they were read from. A read
-    /// the log's tail cache serves runs here; one that reads the log from storage (a consumer catching up)
-    /// runs on tokio's blocking pool, so its disk reads do not stall the produce, replication and
-    /// heartbeat tasks that share this runtime's worker threads.
-    async fn read_records(group: &Group, offset: u64, max_bytes: u32) -> Result<(pb::FetchResponse, u64), BrokerError> {
-        let (batches, state) = match partition::read_cached(&group.sm, offset, max_bytes as usize) {
-            Ok(Some(read)) => read,
-            Ok(None) => {
-                let sm = group.sm.clone();
-                tokio::task::spawn_blocking(move || partition::read(&sm, offset, max_bytes as usize))
-                    .await
-                    .map_err(|e| BrokerError::storage(format!("the read from offset {offset} failed: {e}")))?
-                    .map_err(read_error)?
-            }
-            Err(e) => return Err(read_error(e)),
-        };
-        Self::records_of(&batches, &state, offset)
-    }
-
-    /// The records of `batches` from `offset` on, as a fetch response; and the bytes of the batches.
-    fn records_of(
-        batches: &[partition::FetchedBatch],
-        state: &PartitionState,
-        offset: u64,
-    ) -> Result<(pb::FetchResponse, u64), BrokerError> {
+    /// Reads records from `offset`; returns them and the bytes of the batches they were read from.
+    fn read_records(group: &Group, offset: u64, max_bytes: u32) -> Result<(pb::FetchResponse, u64), BrokerError> {
+        let (batches, state) = partition::read(&group.sm, offset, max_bytes as usize).map_err(read_error)?;
         let mut records = Vec::new();
         let mut bytes = 0;
-        for b in batches {
+        for b in &batches {
             bytes += b.bytes.len() as u64;
             let iter = record_batch::records(&b.bytes).map_err(BrokerError::storage)?;
             for r in iter {
@@ -627,7 +605,7 @@ impl Flotilla for FlotillaService {
                         Self::wait_for_data(&group, next, Duration::from_secs(1)).await;
                         continue;
                     }
-                    return match Self::read_records(&group, next, max_bytes).await {
+                    return match Self::read_records(&group, next, max_bytes) {
                         Ok((resp, _)) => {
                             let after = resp.records.last().map_or(next, |r| r.offset + 1);
                             Some((Ok(resp), Some((group, after))))
@@ -677,7 +655,7 @@ impl Flotilla for FlotillaService {
                 let wait = Duration::from_millis(u64::from(req.max_wait_ms)).min(FETCH_WAIT_MAX);
                 Self::wait_for_data(&group, req.offset, wait).await;
             }
-            Self::read_records(&group, req.offset, max_bytes).await
+            Self::read_records(&group, req.offset, max_bytes)
         }
         .instrument(span)
         .await;
@@ -706,7 +684,7 @@ impl Flotilla for FlotillaService {
         let max_bytes = if req.max_bytes == 0 { FETCH_BYTES_DEFAULT } else { req.max_bytes.min(FETCH_BYTES_MAX) };
         // Replicas apply retention on their own; a read from below this one's log start begins at it.
         let offset = req.offset.max(group.sm.partition_state().log_start_offset);
-        Ok(TonicResponse::new(Self::read_records(&group, offset, max_bytes).await?.0))
+        Ok(TonicResponse::new(Self::read_records(&group, offset, max_bytes)?.0))
     }
 
     async fn list_offsets(

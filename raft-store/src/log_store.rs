@@ -301,12 +301,6 @@ impl LogShared {
         self.lock().last_log_id
     }
 
-    /// The index of the oldest entry in the tail cache (`None` while it is empty): reads from there on
-    /// take no storage read.
-    pub fn cached_from(&self) -> Option<u64> {
-        self.lock().cache.keys().next().copied()
-    }
-
     /// Entries with index in `[start, end)` that are present, in order. A hole between present entries
     /// is corruption.
     pub fn entries(&self, start: u64, end: u64) -> io::Result<Vec<Entry>> {

@@ -35,26 +35,6 @@ pub enum ReadError {
 /// Offset-index rows read per step; each row is one Raft entry.
 const ROWS_PER_READ: usize = 256;
 
-/// Reads batches from `offset` on, stopping at the high watermark or once `max_bytes` are gathered. The
-/// first batch is returned whole even if larger than `max_bytes`, so a consumer always makes progress. The
-/// first batch may start before `offset` (batches are never split); consumers skip the records before it.
-pub fn read(sm: &SmShared, offset: u64, max_bytes: usize) -> Result<(Vec<FetchedBatch>, PartitionState), ReadError> {
-    read_from(sm, offset, max_bytes, false)?
-        .ok_or_else(|| io::Error::other("a read that may use storage returned nothing").into())
-}
-
-/// [`read`] if the log's tail cache holds the entries it starts with, so that it reads no log entry from
-/// storage (only offset-index rows, which are small and recent ones in memory);
-/// `Ok(None)` otherwise. A fetch that follows the tail is served on the caller's thread; one that reads
-/// older entries (a consumer catching up) goes where blocking on the disk stalls nothing else.
-pub fn read_cached(
-    sm: &SmShared,
-    offset: u64,
-    max_bytes: usize,
-) -> Result<Option<(Vec<FetchedBatch>, PartitionState)>, ReadError> {
-    read_from(sm, offset, max_bytes, true)
-}
-
 /// The offset of the first record stamped `timestamp_ms` or later, or the high watermark if there is
 /// none (Kafka's ListOffsets by timestamp). The offset index is scanned [`ROWS_PER_READ`] rows at a time,
 /// so the lookup holds a bounded number of rows however long the log; then the entry of the first row whose
@@ -91,12 +71,10 @@ pub fn offset_at_time(sm: &SmShared, timestamp_ms: i64) -> Result<u64, ReadError
     Ok(state.high_watermark)
 }
 
-fn read_from(
-    sm: &SmShared,
-    offset: u64,
-    max_bytes: usize,
-    cached_only: bool,
-) -> Result<Option<(Vec<FetchedBatch>, PartitionState)>, ReadError> {
+/// Reads batches from `offset` on, stopping at the high watermark or once `max_bytes` are gathered. The
+/// first batch is returned whole even if larger than `max_bytes`, so a consumer always makes progress. The
+/// first batch may start before `offset` (batches are never split); consumers skip the records before it.
+pub fn read(sm: &SmShared, offset: u64, max_bytes: usize) -> Result<(Vec<FetchedBatch>, PartitionState), ReadError> {
     let state = sm.partition_state();
     if offset < state.log_start_offset || offset > state.high_watermark {
         return Err(ReadError::OffsetOutOfRange {
@@ -134,14 +112,6 @@ fn read_from(
         let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
             break;
         };
-        // The cache holds the log's newest entries: if it holds the first, it holds the rest (unless it
-        // evicted them meanwhile: then what was gathered is served).
-        if cached_only && sm.log().cached_from().is_none_or(|from| first.raft_index < from) {
-            if out.is_empty() {
-                return Ok(None);
-            }
-            break;
-        }
         let entries =
             sm.log().entries_limited(first.raft_index, last.raft_index + 1, max_bytes.saturating_sub(bytes))?;
         let mut entries = entries.into_iter();
@@ -198,5 +168,5 @@ fn read_from(
             }
         }
     }
-    Ok(Some((out, state)))
+    Ok((out, state))
 }
