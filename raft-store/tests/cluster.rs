@@ -292,6 +292,14 @@ impl Cluster {
         found.expect("leader")
     }
 
+    /// Appends entries `entries` of group `g`, entry `e` holding records `5e` to `5e + 4`.
+    async fn append_fives(&self, g: u64, entries: std::ops::Range<u64>) {
+        for e in entries {
+            let records: Vec<Record> = (e * 5..e * 5 + 5).map(|i| record(g, i)).collect();
+            self.append(g, &records).await;
+        }
+    }
+
     /// Appends `records` as one entry through the leader; returns the assigned base offset.
     async fn append(&self, g: u64, records: &[Record]) -> u64 {
         let batch = record_batch::build(records, ProducerInfo::NONE);
@@ -425,17 +433,12 @@ async fn reads_stop_after_the_batch_reaching_their_budget_and_skip_entries_witho
     const G: u64 = 4;
     let mut cluster = Cluster::start(3).await;
     cluster.create_group(G).await;
-    let five = |from: u64| (from..from + 5).map(|i| record(G, i)).collect::<Vec<_>>();
-    for e in 0..10 {
-        cluster.append(G, &five(e * 5)).await;
-    }
+    cluster.append_fives(G, 0..10).await;
     // A new term: its leader's blank entry lands between the two halves of the records.
     let (_, old) = cluster.leader_and_id(G).await;
     let (led, _) = cluster.node(old).hand_off_leaderships(Duration::from_secs(10)).await;
     assert_eq!(led, 1, "node {old} handed its leadership off");
-    for e in 10..20 {
-        cluster.append(G, &five(e * 5)).await;
-    }
+    cluster.append_fives(G, 10..20).await;
     wait_high_watermark(&cluster, G, &[1, 2, 3], 100).await;
     // Node 3 restarts: its tail cache starts empty, so every read there goes to the engine.
     cluster.stop(3).await;
@@ -496,18 +499,13 @@ async fn follower_offline_across_a_retention_cut_catches_up_and_restarts_serve_f
     const G: u64 = 9;
     let mut cluster = Cluster::start(3).await;
     cluster.create_group(G).await;
-    let five = |from: u64| (from..from + 5).map(|i| record(G, i)).collect::<Vec<_>>();
-    for e in 0..30 {
-        cluster.append(G, &five(e * 5)).await;
-    }
+    cluster.append_fives(G, 0..30).await;
     wait_high_watermark(&cluster, G, &[1, 2, 3], 150).await;
     // Take a follower offline.
     let leader_id = cluster.leader(G).await.metrics().id;
     let offline = (1..=3).find(|id| *id != leader_id).expect("a follower");
     cluster.stop(offline).await;
-    for e in 30..60 {
-        cluster.append(G, &five(e * 5)).await;
-    }
+    cluster.append_fives(G, 30..60).await;
     let live: Vec<u64> = (1..=3).filter(|id| *id != offline).collect();
     wait_high_watermark(&cluster, G, &live, 300).await;
     // Retention on every live replica removes everything below offset 200.
@@ -527,9 +525,7 @@ async fn follower_offline_across_a_retention_cut_catches_up_and_restarts_serve_f
             Err(ReadError::OffsetOutOfRange { log_start_offset: 200, .. })
         ));
     }
-    for e in 60..70 {
-        cluster.append(G, &five(e * 5)).await;
-    }
+    cluster.append_fives(G, 60..70).await;
     let expected: Vec<(i64, Bytes)> = (200..350).map(|i| (i as i64, record(G, i).value.expect("value"))).collect();
     // The follower comes back: the entries it misses are purged, so it installs the snapshot at the cut
     // and then receives the rest of the log. No gap, same records.
