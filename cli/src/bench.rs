@@ -263,6 +263,15 @@ impl Payloads {
         self.pool[n % self.pool.len()].clone()
     }
 
+    /// The `n`th value with its first 8 bytes replaced by `stamp` (big-endian): what e2e and B10 read back.
+    /// Values shorter than 8 bytes carry as much of the stamp as fits.
+    pub fn stamped(&self, n: usize, stamp: u64) -> Bytes {
+        let mut value = self.get(n).to_vec();
+        let len = value.len().min(8);
+        value[..len].copy_from_slice(&stamp.to_be_bytes()[..len]);
+        Bytes::from(value)
+    }
+
     /// The length of every value.
     pub fn message_bytes(&self) -> usize {
         self.pool[0].len()
@@ -623,7 +632,7 @@ pub async fn e2e(client: Arc<Client>, bench: ProduceBench, servers: Option<&Brok
     for w in 0..workers {
         let (client, tally, topic, payloads) = (client.clone(), tally.clone(), bench.topic.clone(), payloads.clone());
         producers.push(tokio::spawn(async move {
-            let mut sent = w as usize;
+            let mut taken = w as usize;
             let mut next_send = first_due(start, interval, w, workers);
             let mut partition = w % partitions.max(1);
             let origin = (Instant::now(), epoch_micros());
@@ -634,10 +643,9 @@ pub async fn e2e(client: Arc<Client>, bench: ProduceBench, servers: Option<&Brok
                 }
                 // The intended send time, on the epoch clock the consumers read.
                 let stamp = origin.1 + next_send.saturating_duration_since(origin.0).as_micros() as u64;
-                let mut value = payloads.get(sent).to_vec();
-                sent += 1;
-                value[..8].copy_from_slice(&stamp.to_be_bytes());
-                let sent = client.produce(&topic, Some(partition), vec![payload_record(Bytes::from(value))]).await;
+                let value = payloads.stamped(taken, stamp);
+                taken += 1;
+                let sent = client.produce(&topic, Some(partition), vec![payload_record(value)]).await;
                 if sent.is_err() {
                     tally.errors.fetch_add(1, Ordering::Relaxed);
                 }
@@ -923,6 +931,8 @@ mod tests {
         // Random halves: nowhere near one repeated byte (a run of 64 equal bytes is practically impossible).
         assert!(values.iter().all(|v| v[..512].windows(64).all(|w| w.iter().any(|b| *b != w[0]))));
         assert_eq!(payloads.get(PAYLOAD_POOL), values[0], "the pool is taken in turn");
+        let stamped = payloads.stamped(3, 0x0102_0304_0506_0708);
+        assert_eq!((&stamped[..8], &stamped[8..]), (&[1u8, 2, 3, 4, 5, 6, 7, 8][..], &values[3][8..]));
     }
 
     #[test]

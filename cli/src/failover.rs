@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use bytes::Bytes;
 use flotilla_proto::broker as pb;
 
 use crate::bench::{Report, Tally};
@@ -198,10 +197,12 @@ pub async fn run(duration: Duration, warmup: Duration) -> anyhow::Result<Failove
                 }
                 let value = (u64::from(w) << 40) | seq;
                 seq += 1;
-                let mut bytes = payloads.get(seq as usize).to_vec();
-                bytes[..8].copy_from_slice(&value.to_be_bytes());
-                let record =
-                    pb::Record { key: None, value: Some(Bytes::from(bytes)), headers: vec![], timestamp_ms: 0 };
+                let record = pb::Record {
+                    key: None,
+                    value: Some(payloads.stamped(seq as usize, value)),
+                    headers: vec![],
+                    timestamp_ms: 0,
+                };
                 let sent = client.produce(topic, Some(0), vec![record]).await;
                 let latency = next_send.elapsed();
                 let intended = next_send.duration_since(start);

@@ -9,7 +9,7 @@ use std::io;
 use bytes::{Bytes, BytesMut};
 
 use crate::record_batch;
-use crate::state_machine::{IndexRow, PartitionState, SmShared, decode_batches};
+use crate::state_machine::{PartitionState, SmShared, decode_batches};
 use crate::types::{EntryPayload, term_of};
 
 /// A stored RecordBatch, ready to serve.
@@ -107,8 +107,8 @@ pub fn read(sm: &SmShared, offset: u64, max_bytes: usize) -> Result<(Vec<Fetched
         // The rows wholly before `next` (only the first can be) are skipped; the entries of the rest are
         // read with one scan of the log, not one lookup each: a lookup per entry opened an iterator per
         // entry, and a log read from disk got no readahead.
-        let rows: Vec<IndexRow> =
-            rows.into_iter().filter(|row| row.base_offset + u64::from(row.count) > next).collect();
+        let before = rows.iter().take_while(|row| row.base_offset + u64::from(row.count) <= next).count();
+        let rows = &rows[before..];
         let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
             break;
         };

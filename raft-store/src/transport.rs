@@ -1682,7 +1682,7 @@ mod tests {
         // slowness cannot end it, the next stream is handed over at once and opens when its pause ends.
         tokio::time::pause();
         let next_start = {
-            let mut retry = retry.state.lock().expect("retry");
+            let mut retry = retry.lock();
             assert!(retry.next_start().is_some(), "the failed stream starts a pause");
             for _ in 0..6 {
                 retry.failed(tokio::time::Instant::now());
@@ -1718,14 +1718,14 @@ mod tests {
         for _ in 0..3 {
             retry.failed();
         }
-        let mux = pool.muxes.lock().expect("muxes").values().next().cloned().expect("a connection");
+        let mux = only_connection(&pool);
         let matched = pb::AppendReply { result: Some(pb::append_reply::Result::MatchedEmpty(true)) };
         mux.routes.dispatch(vec![pb::AppendReplyFrame {
             stream: 0,
             body: Some(pb::append_reply_frame::Body::Reply(matched)),
         }]);
         assert!(matches!(replies.next().await, Some(Ok(Ok(None)))), "the reply is handed over");
-        assert_eq!(retry.state.lock().expect("retry").next_start(), None, "a reply ends the pause");
+        assert_eq!(retry.lock().next_start(), None, "a reply ends the pause");
         drop(listener);
     }
 
@@ -1779,7 +1779,7 @@ mod tests {
             Some(Err(RPCError::Unreachable(_))) => {}
             other => panic!("expected an unreachable peer, got {other:?}"),
         }
-        let failed = pool.muxes.lock().expect("muxes").values().next().cloned().expect("a connection");
+        let failed = only_connection(&pool);
         assert!(failed.routes.is_closed(), "the failed connection is closed");
         let next = pool.mux(2, &addr).expect("mux");
         assert!(!Arc::ptr_eq(&failed, &next), "the next stream gets a new connection");
