@@ -100,7 +100,7 @@ fn cf_options(cf: Cf, cache: &Cache) -> Options {
             // goes, at its memtable flush, to a blob file, and the SST keeps its key and a reference to
             // it, so compactions rewrite references, not payloads. Every flush spans every group's keys,
             // so leveled compaction had rewritten each payload several times: B7 with batching producers
-            // gained 24-39% and spent 5-22% less broker CPU per message (see ARCHITECTURE.md).
+            // gained 30-39% and spent 21-25% less broker CPU per message (see ARCHITECTURE.md).
             o.set_enable_blob_files(true);
             o.set_min_blob_size(LOG_BLOB_MIN_BYTES);
             o.set_blob_compression_type(DBCompressionType::Lz4);
@@ -168,11 +168,6 @@ impl RocksEngine {
         opts.set_use_direct_io_for_flush_and_compaction(direct);
         // Memtable flushes of different column families must not reorder what a crash can leave behind.
         opts.set_atomic_flush(true);
-        // Files are opened without POSIX_FADV_RANDOM, so the kernel's readahead serves sequential reads.
-        // A catch-up read walks a group's entries in order, and blob files (above) get no readahead from
-        // RocksDB itself: with the random-access advice every blob was one small synchronous read, and B8
-        // read at 174-296 k msgs/s against 383-417 k without it (2-4 runs, alternated).
-        opts.set_advise_random_on_open(false);
         // Flushes and compactions run at the lowest CPU priority (nice 19; RocksDB's thread pools are the
         // process's, so every node's). A memtable flush compresses tens of MB at once, on every node at
         // the same moment (they hold the same data); at normal priority that burst took the cores from the
