@@ -353,6 +353,36 @@ mod tests {
         e.db.flush_cf(e.handle(Cf::Log).expect("cf")).expect("flush");
     }
 
+    /// Entry `i` of `round`, large enough for a blob file.
+    fn blob_entry(round: u8, i: u8) -> Bytes {
+        noise(2 * LOG_BLOB_MIN_BYTES as usize, i ^ round)
+    }
+
+    /// `rounds` memtable flushes, each of 50 blob-sized entries in each of groups 1 and 2 (keys
+    /// `[group, round, i]`).
+    fn write_two_groups(e: &RocksEngine, rounds: u8) {
+        for round in 0..rounds {
+            let mut b = WriteBatch::new();
+            for g in [1u8, 2] {
+                for i in 0u8..50 {
+                    b.put(Cf::Log, vec![g, round, i], blob_entry(round, i));
+                }
+            }
+            e.write(b).expect("write");
+            flush_log(e);
+        }
+    }
+
+    /// A log purge as `LogStore::purge` makes one (a range deletion, then a reclaim of whole files),
+    /// followed by a compaction of the whole log.
+    fn purge_and_compact(e: &RocksEngine, from: &[u8], to: &[u8]) {
+        let mut b = WriteBatch::new();
+        b.delete_range(Cf::Log, from.to_vec(), to.to_vec());
+        e.write(b).expect("purge");
+        e.reclaim_range(Cf::Log, from, to).expect("reclaim");
+        e.db.compact_range_cf(e.handle(Cf::Log).expect("cf"), None::<&[u8]>, None::<&[u8]>);
+    }
+
     #[test]
     fn large_log_entries_go_to_blob_files_and_read_back_as_stored() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -394,23 +424,10 @@ mod tests {
         // compaction has dropped the deleted keys, the blob files holding their payloads must go too.
         let dir = tempfile::tempdir().expect("tempdir");
         let e = RocksEngine::open(dir.path(), &RocksConfig::default()).expect("open");
-        for round in 0u8..3 {
-            let mut b = WriteBatch::new();
-            for g in [1u8, 2] {
-                for i in 0u8..50 {
-                    b.put(Cf::Log, vec![g, round, i], noise(2 * LOG_BLOB_MIN_BYTES as usize, i));
-                }
-            }
-            e.write(b).expect("write");
-            flush_log(&e);
-        }
+        write_two_groups(&e, 3);
         let written = blob_bytes(&e);
         assert!(written >= 3 * 100 * 2 * LOG_BLOB_MIN_BYTES, "{written} bytes in blob files");
-        let mut b = WriteBatch::new();
-        b.delete_range(Cf::Log, vec![1], vec![3]);
-        e.write(b).expect("purge");
-        e.reclaim_range(Cf::Log, &[1], &[3]).expect("reclaim");
-        e.db.compact_range_cf(e.handle(Cf::Log).expect("cf"), None::<&[u8]>, None::<&[u8]>);
+        purge_and_compact(&e, &[1], &[3]);
         assert_eq!(blob_bytes(&e), 0, "every payload was purged, of {written} bytes");
         assert_eq!(e.get(Cf::Log, &[1, 0, 0]).expect("get"), None);
     }
@@ -422,28 +439,15 @@ mod tests {
         // blobs of the oldest files when compaction meets them, so those files go.
         let dir = tempfile::tempdir().expect("tempdir");
         let e = RocksEngine::open(dir.path(), &RocksConfig::default()).expect("open");
-        for round in 0u8..8 {
-            let mut b = WriteBatch::new();
-            for g in [1u8, 2] {
-                for i in 0u8..50 {
-                    b.put(Cf::Log, vec![g, round, i], noise(2 * LOG_BLOB_MIN_BYTES as usize, i ^ round));
-                }
-            }
-            e.write(b).expect("write");
-            flush_log(&e);
-        }
+        write_two_groups(&e, 8);
         let written = blob_bytes(&e);
-        let mut b = WriteBatch::new();
-        b.delete_range(Cf::Log, vec![1], vec![2]);
-        e.write(b).expect("purge");
-        e.reclaim_range(Cf::Log, &[1], &[2]).expect("reclaim");
-        e.db.compact_range_cf(e.handle(Cf::Log).expect("cf"), None::<&[u8]>, None::<&[u8]>);
+        purge_and_compact(&e, &[1], &[2]);
         let kept = blob_bytes(&e);
         assert!(kept < written, "{kept} of {written} bytes kept");
         for round in 0u8..8 {
             assert_eq!(
                 e.get(Cf::Log, &[2, round, 7]).expect("get"),
-                Some(noise(2 * LOG_BLOB_MIN_BYTES as usize, 7 ^ round)),
+                Some(blob_entry(round, 7)),
                 "the kept group's entries of round {round}"
             );
         }
