@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, Direction, IteratorMode, Options,
-    ReadOptions, SliceTransform, WriteOptions,
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, Options, ReadOptions, SliceTransform,
+    WriteOptions,
 };
 
 use super::{Cf, Engine, EngineError, EngineMemory, Op, WriteBatch};
@@ -242,14 +242,17 @@ impl Engine for RocksEngine {
                 && to.len() >= GROUP_PREFIX_BYTES
                 && from[..GROUP_PREFIX_BYTES] == to[..GROUP_PREFIX_BYTES],
         );
-        let iter = self.db.iterator_cf_opt(self.handle(cf)?, ro, IteratorMode::From(from, Direction::Forward));
-        for item in iter {
-            let (k, v) = item.map_err(backend)?;
-            if !visit(&k, &v) {
-                break;
+        // A raw iterator lends each key and value in place; the plain one copied both into fresh boxes.
+        let mut iter = self.db.raw_iterator_cf_opt(self.handle(cf)?, ro);
+        iter.seek(from);
+        while let (Some(k), Some(v)) = (iter.key(), iter.value()) {
+            if !visit(k, v) {
+                return Ok(());
             }
+            iter.next();
         }
-        Ok(())
+        // The iterator stops being valid at the end of the range or at an error; only the status tells.
+        iter.status().map_err(backend)
     }
 
     fn last_in_range(&self, cf: Cf, from: &[u8], to: &[u8]) -> Result<Option<(Vec<u8>, Bytes)>, EngineError> {
