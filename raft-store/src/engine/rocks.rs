@@ -71,6 +71,13 @@ fn direct_writes_work(dir: &Path) -> bool {
 /// needs no second file.
 const LOG_BLOB_MIN_BYTES: u64 = 4096;
 
+/// LZ4's acceleration for blob files (RocksDB reads a negative level as one). LZ4 at its default was 13%
+/// of broker CPU in B7 with batching producers. At 8 it compressed the benchmarks' half-random values
+/// 2.2 times as fast, to the same size (1.96:1), and B7 with batching producers spent 25.4-27.5 against
+/// 26.0-29.8 us of broker CPU per message (3 runs each, alternated). Data that compresses well loses
+/// some ratio (JSON text 8.2:1 against 9.7:1), a few more bytes of what is left.
+const LOG_BLOB_LZ4_ACCELERATION: u32 = 8;
+
 /// Obsolete WAL files kept for reuse as new WALs.
 const WAL_FILES_RECYCLED: usize = 2;
 
@@ -181,7 +188,11 @@ impl RocksEngine {
         let cache = Cache::new_lru_cache(config.block_cache_bytes);
         let cfs = Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(*cf, &cache)));
         let db = DB::open_cf_descriptors(&opts, &path, cfs).map_err(backend)?;
-        Ok(Self { db, cache, path })
+        let engine = Self { db, cache, path };
+        // rust-rocksdb has no setter for the blob files' compression options; RocksDB takes them by name.
+        let level = format!("{{level=-{LOG_BLOB_LZ4_ACCELERATION}}}");
+        engine.db.set_options_cf(engine.handle(Cf::Log)?, &[("blob_compression_opts", &level)]).map_err(backend)?;
+        Ok(engine)
     }
 
     pub fn path(&self) -> &Path {
@@ -384,6 +395,31 @@ mod tests {
         e.write(b).expect("purge");
         e.reclaim_range(Cf::Log, from, to).expect("reclaim");
         e.db.compact_range_cf(e.handle(Cf::Log).expect("cf"), None::<&[u8]>, None::<&[u8]>);
+    }
+
+    /// The options the log column family runs with, from the newest OPTIONS file RocksDB wrote.
+    fn log_cf_options(dir: &Path) -> String {
+        let newest = std::fs::read_dir(dir)
+            .expect("read dir")
+            .filter_map(|f| f.ok()?.file_name().to_str()?.strip_prefix("OPTIONS-")?.parse::<u64>().ok())
+            .max()
+            .expect("an OPTIONS file");
+        let text = std::fs::read_to_string(dir.join(format!("OPTIONS-{newest:06}"))).expect("read OPTIONS");
+        let section = text.split("[CFOptions \"log\"]").nth(1).expect("the log column family's section");
+        section.split("\n[").next().unwrap_or_default().to_owned()
+    }
+
+    #[test]
+    fn log_blob_files_are_compressed_with_lz4_accelerated() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for _ in 0..2 {
+            let e = RocksEngine::open(dir.path(), &RocksConfig::default()).expect("open");
+            let log = log_cf_options(dir.path());
+            assert!(log.contains("blob_compression_type=kLZ4Compression"), "{log}");
+            let opts = log.lines().find(|l| l.trim_start().starts_with("blob_compression_opts=")).expect("blob opts");
+            assert!(opts.contains(&format!(";level=-{LOG_BLOB_LZ4_ACCELERATION};")), "{opts}");
+            drop(e);
+        }
     }
 
     #[test]
