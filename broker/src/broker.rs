@@ -49,6 +49,9 @@ pub struct BrokerConfig {
     /// Produce requests are refused while the data volume has less free space than this (see
     /// [`crate::disk`]).
     pub min_free_bytes: u64,
+    /// Bytes per second the node's memtable flushes and compactions may write, if capped
+    /// (`--background-write-rate`; see `RocksConfig::background_write_bytes_per_sec`).
+    pub background_write_rate: Option<u64>,
 }
 
 /// Parses `1=127.0.0.1:9401,2=127.0.0.1:9402`.
@@ -179,6 +182,7 @@ impl Broker {
         let rocks = RocksConfig {
             write_buffer_bytes_max: config.memory.write_buffers,
             block_cache_bytes: config.memory.block_cache,
+            background_write_bytes_per_sec: config.background_write_rate,
             ..RocksConfig::default()
         };
         let engine: Arc<dyn Engine> = Arc::new(
@@ -344,6 +348,7 @@ mod tests {
             memory: MemoryPlan::new(crate::memory::MEMORY_BUDGET_MIN).expect("plan"),
             retention_check_interval: Duration::from_secs(30),
             min_free_bytes: 0,
+            background_write_rate: None,
         }
     }
 

@@ -16,7 +16,8 @@ use flotilla_raft_store::node::RaftTiming;
 #[command(name = "flotilla-broker", version, about = "A Flotilla broker node")]
 struct Args {
     /// A TOML file with any of: node_id, data_dir, listen, initial_cluster, log_format, metrics_listen,
-    /// raft_peer_routes, memory_budget, retention_check_interval_ms, min_free_bytes, worker_threads.
+    /// raft_peer_routes, memory_budget, retention_check_interval_ms, min_free_bytes, worker_threads,
+    /// background_write_rate.
     #[arg(long, env = "FLOTILLA_CONFIG")]
     config: Option<PathBuf>,
     /// This node's id (>= 1, listed in --initial-cluster, never reused).
@@ -56,6 +57,11 @@ struct Args {
     /// sharing a machine each want a share of its cores, not all of them (`flotilla dev` divides them).
     #[arg(long, env = "FLOTILLA_WORKER_THREADS")]
     worker_threads: Option<usize>,
+    /// Cap on what memtable flushes and compactions write per second, e.g. 32MiB (default: none). On a
+    /// disk with throttled throughput their bursts make every acknowledgement wait; keep the cap below
+    /// what the disk sustains beside the WAL and above what the produce load needs flushed.
+    #[arg(long, env = "FLOTILLA_BACKGROUND_WRITE_RATE")]
+    background_write_rate: Option<String>,
 }
 
 /// The `--config` file.
@@ -73,6 +79,7 @@ struct FileConfig {
     retention_check_interval_ms: Option<u64>,
     min_free_bytes: Option<String>,
     worker_threads: Option<usize>,
+    background_write_rate: Option<String>,
 }
 
 /// mimalloc instead of glibc's malloc: a broker allocates and frees small buffers on every request and
@@ -121,6 +128,13 @@ fn main() -> anyhow::Result<()> {
         min_free_bytes: match args.min_free_bytes.or(file.min_free_bytes) {
             Some(size) => parse_bytes(&size).context("--min-free-bytes")?,
             None => MIN_FREE_DEFAULT,
+        },
+        background_write_rate: match args.background_write_rate.or(file.background_write_rate) {
+            Some(rate) => match parse_bytes(&rate).context("--background-write-rate")? {
+                0 => anyhow::bail!("--background-write-rate must be positive (leave it out for no cap)"),
+                bytes => Some(bytes),
+            },
+            None => None,
         },
     };
     let mut runtime = tokio::runtime::Builder::new_multi_thread();

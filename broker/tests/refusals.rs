@@ -99,3 +99,13 @@ fn zero_worker_threads_are_refused() {
     assert!(!ok);
     assert!(err.contains("--worker-threads must be at least 1"), "{err}");
 }
+
+#[test]
+fn a_zero_or_malformed_background_write_rate_is_refused() {
+    let (ok, err) = node_1_with(&["--background-write-rate", "0"]);
+    assert!(!ok);
+    assert!(err.contains("--background-write-rate must be positive"), "{err}");
+    let (ok, err) = node_1_with(&["--background-write-rate", "fast"]);
+    assert!(!ok);
+    assert!(err.contains("--background-write-rate") && err.contains("is not a size"), "{err}");
+}

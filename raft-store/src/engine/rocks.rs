@@ -28,6 +28,11 @@ pub struct RocksConfig {
     /// Memtable flushes and compactions write their files with direct I/O (O_DIRECT), where the data
     /// directory takes it ([`direct_writes_work`]).
     pub direct_writes: bool,
+    /// Bytes per second that memtable flushes and compactions may write, if capped. On a disk whose
+    /// throughput is throttled, their bursts used its budget and the group commit's fsyncs waited
+    /// behind them for hundreds of milliseconds; spread out, they leave room for the WAL. Too low a cap
+    /// makes flushes fall behind the produce load, and writes then stall.
+    pub background_write_bytes_per_sec: Option<u64>,
 }
 
 impl Default for RocksConfig {
@@ -38,6 +43,7 @@ impl Default for RocksConfig {
             wal_bytes_max: 512 << 20,
             background_jobs: 2,
             direct_writes: true,
+            background_write_bytes_per_sec: None,
         }
     }
 }
@@ -173,6 +179,11 @@ impl RocksEngine {
             );
         }
         opts.set_use_direct_io_for_flush_and_compaction(direct);
+        // A cap on what flushes and compactions write per second (RocksDB's rate limiter, refilled every
+        // 100 ms; the WAL is never held back). See `RocksConfig::background_write_bytes_per_sec`.
+        if let Some(rate) = config.background_write_bytes_per_sec {
+            opts.set_ratelimiter(i64::try_from(rate).unwrap_or(i64::MAX), 100_000, 10);
+        }
         // Memtable flushes of different column families must not reorder what a crash can leave behind.
         opts.set_atomic_flush(true);
         // Flushes and compactions run at the lowest CPU priority (nice 19; RocksDB's thread pools are the
@@ -420,6 +431,24 @@ mod tests {
             assert!(opts.contains(&format!(";level=-{LOG_BLOB_LZ4_ACCELERATION};")), "{opts}");
             drop(e);
         }
+    }
+
+    /// The rate limiter RocksDB says, in its LOG, that it runs with: "(nil)" for none.
+    fn logged_rate_limiter(dir: &Path) -> String {
+        let log = std::fs::read_to_string(dir.join("LOG")).expect("read LOG");
+        let line = log.lines().find(|l| l.contains("Options.rate_limiter:")).expect("rate limiter line");
+        line.rsplit(' ').next().unwrap_or_default().to_owned()
+    }
+
+    #[test]
+    fn background_writes_are_capped_only_when_asked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(RocksEngine::open(dir.path(), &RocksConfig::default()).expect("open"));
+        assert_eq!(logged_rate_limiter(dir.path()), "(nil)");
+        let capped = RocksConfig { background_write_bytes_per_sec: Some(32 << 20), ..RocksConfig::default() };
+        drop(RocksEngine::open(dir.path(), &capped).expect("reopen"));
+        let limiter = logged_rate_limiter(dir.path());
+        assert!(limiter.starts_with("0x"), "{limiter}");
     }
 
     #[test]
