@@ -410,12 +410,16 @@ mod tests {
 
     /// The options the log column family runs with, from the newest OPTIONS file RocksDB wrote.
     fn log_cf_options(dir: &Path) -> String {
-        let newest = std::fs::read_dir(dir)
+        let (_, newest) = std::fs::read_dir(dir)
             .expect("read dir")
-            .filter_map(|f| f.ok()?.file_name().to_str()?.strip_prefix("OPTIONS-")?.parse::<u64>().ok())
+            .filter_map(|f| {
+                let path = f.ok()?.path();
+                let number = path.file_name()?.to_str()?.strip_prefix("OPTIONS-")?.parse::<u64>().ok()?;
+                Some((number, path))
+            })
             .max()
             .expect("an OPTIONS file");
-        let text = std::fs::read_to_string(dir.join(format!("OPTIONS-{newest:06}"))).expect("read OPTIONS");
+        let text = std::fs::read_to_string(newest).expect("read OPTIONS");
         let section = text.split("[CFOptions \"log\"]").nth(1).expect("the log column family's section");
         section.split("\n[").next().unwrap_or_default().to_owned()
     }
