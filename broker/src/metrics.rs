@@ -151,6 +151,14 @@ pub async fn run_collector(broker: Arc<Broker>, mut stop: tokio::sync::watch::Re
         let (messages, frames) = broker.node.append_stats();
         counter!("flotilla_raft_append_messages_total").absolute(messages);
         counter!("flotilla_raft_append_frames_total").absolute(frames);
+        // Writes RocksDB held back because its flushes or compactions fell behind (as with a
+        // --background-write-rate too low for the load): time in all, and how often by cause.
+        let stalls = broker.node.engine().write_stalls();
+        counter!("flotilla_storage_write_stall_microseconds_total")
+            .absolute(u64::try_from(stalls.waited.as_micros()).unwrap_or(u64::MAX));
+        for ((cause, condition), n) in stalls.counts {
+            counter!("flotilla_storage_write_stalls_total", "cause" => cause, "condition" => condition).absolute(n);
+        }
         let engine = broker.node.engine().memory_usage();
         gauge!("flotilla_memory_budget_bytes").set(broker.config.memory.budget as f64);
         gauge!("flotilla_disk_free_bytes").set(broker.disk.free() as f64);

@@ -704,6 +704,8 @@ async fn every_broker_serves_prometheus_metrics() {
         "flotilla_storage_fsyncs_total",
         // Its own buckets, finer than the other histograms' (which start at 0.5 ms).
         "flotilla_storage_fsync_latency_seconds_bucket{le=\"0.0001\"}",
+        "flotilla_storage_write_stall_microseconds_total",
+        "flotilla_storage_write_stalls_total{cause=\"memtable-limit\",condition=\"stops\"}",
         "flotilla_raft_term",
         "flotilla_partition_leaderships",
         "flotilla_raft_heartbeats_total",

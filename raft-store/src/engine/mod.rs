@@ -15,6 +15,9 @@ mod rocks;
 pub use memory::MemEngine;
 pub use rocks::{RocksConfig, RocksEngine};
 
+use std::collections::BTreeMap;
+use std::time::Duration;
+
 use bytes::Bytes;
 
 /// The column families. Adding one is a storage format change.
@@ -160,6 +163,23 @@ pub trait Engine: Send + Sync + 'static {
     fn memory_usage(&self) -> EngineMemory {
         EngineMemory::default()
     }
+
+    /// How long and how often the engine has held writes back since it opened, because its background
+    /// work (memtable flushes, compactions) fell behind; for metrics. An engine without background work
+    /// never does.
+    fn write_stalls(&self) -> WriteStalls {
+        WriteStalls::default()
+    }
+}
+
+/// Writes the engine held back because its background work fell behind, since it opened.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteStalls {
+    /// Time writers spent delayed or stopped.
+    pub waited: Duration,
+    /// How often writes had to be delayed or stopped, by cause and condition: RocksDB's names, such as
+    /// ("memtable-limit", "stops") or ("pending-compaction-bytes", "delays"), summed over column families.
+    pub counts: BTreeMap<(String, String), u64>,
 }
 
 /// Engine memory by use, in bytes.

@@ -4,7 +4,9 @@
 //! buffer and memtable, and [`Engine::sync_wal`] writes and fsyncs the buffer for every write before it.
 //! That is what lets one fsync cover the appends of every group on the node.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use bytes::Bytes;
 use rocksdb::{
@@ -12,7 +14,7 @@ use rocksdb::{
     WriteOptions,
 };
 
-use super::{Cf, Engine, EngineError, EngineMemory, Op, WriteBatch};
+use super::{Cf, Engine, EngineError, EngineMemory, Op, WriteBatch, WriteStalls};
 use crate::keys::GROUP_PREFIX_BYTES;
 
 /// Tunables of the node's RocksDB.
@@ -304,8 +306,54 @@ impl Engine for RocksEngine {
         EngineMemory { memtables, block_cache: self.cache.get_usage() as u64 }
     }
 
+    /// From RocksDB's own counters, kept whether or not statistics are on: the cumulative stall time of
+    /// `rocksdb.dbstats` and the counts of each column family's `rocksdb.cf-write-stall-stats` (the C API
+    /// gives both only as text). Reading `rocksdb.dbstats` also restarts the "interval" figures that
+    /// RocksDB's periodic stats dump writes to its LOG; the cumulative ones are unaffected.
+    fn write_stalls(&self) -> WriteStalls {
+        let mut stalls = WriteStalls::default();
+        if let Ok(Some(db)) = self.db.property_value("rocksdb.dbstats") {
+            stalls.waited = cumulative_stall(&db).unwrap_or_default();
+            add_stall_counts(&db, &mut stalls.counts);
+        }
+        for h in Cf::ALL.iter().filter_map(|cf| self.db.cf_handle(cf.name())) {
+            if let Ok(Some(cf)) = self.db.property_value_cf(&h, "rocksdb.cf-write-stall-stats") {
+                add_stall_counts(&cf, &mut stalls.counts);
+            }
+        }
+        stalls
+    }
+
     fn reclaim_range(&self, cf: Cf, from: &[u8], to: &[u8]) -> Result<(), EngineError> {
         self.db.delete_file_in_range_cf(self.handle(cf)?, from, to).map_err(backend)
+    }
+}
+
+/// The time of `rocksdb.dbstats`'s line "Cumulative stall: 00:00:1.234 H:M:S, 0.1 percent".
+fn cumulative_stall(dbstats: &str) -> Option<Duration> {
+    let hms = dbstats.lines().find_map(|l| l.strip_prefix("Cumulative stall: "))?.split_once(" H:M:S")?.0;
+    let mut parts = hms.split(':');
+    let hours: u64 = parts.next()?.parse().ok()?;
+    let minutes: u64 = parts.next()?.parse().ok()?;
+    let seconds = Duration::try_from_secs_f64(parts.next()?.parse().ok()?).ok()?;
+    Some(Duration::from_secs(hours.checked_mul(3600)?.checked_add(minutes.checked_mul(60)?)?) + seconds)
+}
+
+/// Adds the counts of a "Write Stall (count): cause-condition: n, ..." line to `counts`, leaving out
+/// RocksDB's totals and its breakdown of L0 stalls by whether a compaction was running (both repeat
+/// counts already listed).
+fn add_stall_counts(text: &str, counts: &mut BTreeMap<(String, String), u64>) {
+    let Some(list) = text.lines().find_map(|l| l.strip_prefix("Write Stall (count): ")) else {
+        return;
+    };
+    for (name, n) in list.split(", ").filter_map(|item| item.split_once(": ")) {
+        let Ok(n) = n.trim().parse::<u64>() else { continue };
+        if name.starts_with("total-") || name.ends_with("-with-ongoing-compaction") {
+            continue;
+        }
+        if let Some((cause, condition)) = name.rsplit_once('-') {
+            *counts.entry((cause.to_owned(), condition.to_owned())).or_default() += n;
+        }
     }
 }
 
@@ -453,6 +501,57 @@ mod tests {
         drop(RocksEngine::open(dir.path(), &capped).expect("reopen"));
         let limiter = logged_rate_limiter(dir.path());
         assert!(limiter.starts_with("0x"), "{limiter}");
+    }
+
+    #[test]
+    fn stall_figures_are_read_from_rocksdbs_text() {
+        let dbstats = "\n** DB Stats **\nUptime(secs): 12.0 total, 1.0 interval\n\
+            Cumulative stall: 01:02:3.500 H:M:S, 0.1 percent\n\
+            Interval stall: 00:00:0.000 H:M:S, 0.0 percent\n\
+            Write Stall (count): write-buffer-manager-limit-stops: 2\n";
+        assert_eq!(cumulative_stall(dbstats), Some(Duration::from_millis(3_723_500)));
+        assert_eq!(cumulative_stall("Cumulative stall: soon"), None);
+        let mut counts = BTreeMap::new();
+        add_stall_counts(dbstats, &mut counts);
+        let cf = "Write Stall (count): cf-l0-file-count-limit-delays-with-ongoing-compaction: 4, \
+            cf-l0-file-count-limit-stops-with-ongoing-compaction: 0, l0-file-count-limit-delays: 5, \
+            memtable-limit-stops: 3, total-delays: 5, total-stops: 3\n";
+        add_stall_counts(cf, &mut counts);
+        add_stall_counts(cf, &mut counts);
+        let count = |cause: &str, condition: &str| counts.get(&(cause.to_owned(), condition.to_owned())).copied();
+        assert_eq!(count("write-buffer-manager-limit", "stops"), Some(2));
+        assert_eq!(count("memtable-limit", "stops"), Some(6));
+        assert_eq!(count("l0-file-count-limit", "delays"), Some(10));
+        assert_eq!(counts.len(), 3, "totals and the ongoing-compaction breakdown are left out: {counts:?}");
+    }
+
+    #[test]
+    fn writes_held_back_by_slow_flushes_are_counted_and_timed() {
+        // Small memtables and flushes capped far below what the writer puts in: RocksDB stops writes while
+        // two memtables wait for their flush, as it did with a cap too low for the produce load.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = RocksConfig {
+            write_buffer_bytes_max: 256 << 10,
+            background_write_bytes_per_sec: Some(1 << 20),
+            ..RocksConfig::default()
+        };
+        let e = RocksEngine::open(dir.path(), &config).expect("open");
+        let before = e.write_stalls();
+        assert!(before.waited.is_zero() && before.counts.values().all(|n| *n == 0), "{before:?}");
+        assert!(before.counts.contains_key(&("memtable-limit".to_owned(), "stops".to_owned())), "{before:?}");
+        let mut written = 0usize;
+        while e.write_stalls().waited.is_zero() {
+            assert!(written < 64 << 20, "64 MiB written at 1 MiB/s of flushes and never a stall");
+            let mut b = WriteBatch::new();
+            for i in 0u8..16 {
+                b.put(Cf::Log, (written + usize::from(i)).to_be_bytes().to_vec(), noise(4096, i));
+            }
+            e.write(b).expect("write");
+            written += 16 * 4096;
+        }
+        let stalls = e.write_stalls();
+        let stops = stalls.counts.get(&("memtable-limit".to_owned(), "stops".to_owned())).copied();
+        assert!(stops.is_some_and(|n| n > 0), "{stalls:?}");
     }
 
     #[test]
