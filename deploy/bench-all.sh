@@ -1,25 +1,41 @@
 #!/usr/bin/env bash
-# Runs every shape of BENCH.md (B1-B8, B6 at 5k and 20k msgs/s, B7 on 3 partitions, B7 and B2 with batching producers, and B10) RUNS times (default 3) on a fresh local
-# 3-node cluster of release brokers, and writes the ranges to docs/BENCHMARKS.md.
-#   deploy/bench-all.sh              # about 25 minutes
+# Runs every shape of BENCH.md (B1-B8, B6 at 5k and 20k msgs/s, B7 on 3 partitions, B7 and B2 with
+# batching producers, and B10) RUNS times (default 3), each shape on a fresh local 3-node cluster of
+# release brokers, and writes the ranges to docs/BENCHMARKS.md.
+#   deploy/bench-all.sh              # about 30 minutes
 #   RUNS=1 SHAPES="B1 B2" deploy/bench-all.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source deploy/prereqs.sh
 cargo build --release --locked --bins
 bin="$CARGO_TARGET_DIR/release"
-data=$(mktemp -d "${TMPDIR:-/tmp}/flotilla-bench.XXXXXX")
 mport=19651
-"$bin/flotilla" dev --nodes 3 --data-dir "$data" --base-port 19601 --metrics-base-port "$mport" >"$data/dev.out" 2>&1 &
-dev=$!
-trap 'kill -TERM "$dev" 2>/dev/null; wait "$dev" 2>/dev/null; rm -rf "$data"' EXIT
 export FLOTILLA_BOOTSTRAP=127.0.0.1:19601,127.0.0.1:19602,127.0.0.1:19603
-ready=""
-for _ in $(seq 150); do
-  if "$bin/flotilla" cluster status >/dev/null 2>&1; then ready=1; break; fi
-  sleep 0.2
-done
-[ -n "$ready" ] || { echo "the cluster did not come up; see $data" >&2; cat "$data/dev.out" >&2; exit 1; }
+dev=""
+data=""
+
+# Each shape gets a cluster of its own: on one cluster for all of them, a shape ran beside the flushes,
+# compactions and blob garbage collection of the gigabytes the shapes before it wrote (B2 with a
+# batching producer, after B7's: 74-84 MB/s; on a fresh cluster in the same sitting: 107-111 MB/s).
+start_cluster() {
+  data=$(mktemp -d "${TMPDIR:-/tmp}/flotilla-bench.XXXXXX")
+  "$bin/flotilla" dev --nodes 3 --data-dir "$data" --base-port 19601 --metrics-base-port "$mport" >"$data/dev.out" 2>&1 &
+  dev=$!
+  local ready=""
+  for _ in $(seq 150); do
+    if "$bin/flotilla" cluster status >/dev/null 2>&1; then ready=1; break; fi
+    sleep 0.2
+  done
+  [ -n "$ready" ] || { echo "the cluster did not come up; see $data" >&2; cat "$data/dev.out" >&2; exit 1; }
+}
+
+stop_cluster() {
+  if [ -n "$dev" ]; then kill -TERM "$dev" 2>/dev/null || true; wait "$dev" 2>/dev/null || true; fi
+  if [ -n "$data" ]; then rm -rf "$data"; fi
+  dev=""
+  data=""
+}
+trap stop_cluster EXIT
 
 # The brokers' own side of a latency tail, from their metrics: fsyncs over 20 ms (storage) and produce
 # requests answered after more than 50 ms (anything at the leader), summed over the three brokers.
@@ -37,16 +53,18 @@ rows=()
 tails=()
 for id in ${SHAPES:-B1 B2 B3 B4 B5 B6-5k B6 B6-20k B7-3 B7 B7-batch B2-batch B8 B10}; do
   echo "== $id" >&2
-  read -r slow_syncs0 slow_produces0 < <(tail_counts)
+  if [ "$id" = B10 ]; then
+    # B10 starts (and kills) a private cluster of its own, under this directory.
+    data=$(mktemp -d "${TMPDIR:-/tmp}/flotilla-bench.XXXXXX")
+  else
+    start_cluster
+  fi
   out=$("$bin/flotilla" bench scenario "$id" --runs "${RUNS:-3}" --dev-data-dir "$data")
   echo "$out" >&2
   rows+=("$(echo "$out" | tail -n 1)")
-  read -r slow_syncs1 slow_produces1 < <(tail_counts)
-  if [ "$id" = B10 ] || [ "$slow_syncs0" = - ]; then
-    tails+=("| $id | - | - |")
-  else
-    tails+=("| $id | $((slow_syncs1 - slow_syncs0)) | $((slow_produces1 - slow_produces0)) |")
-  fi
+  read -r slow_syncs slow_produces < <(if [ "$id" = B10 ]; then echo "- -"; else tail_counts; fi)
+  tails+=("| $id | $slow_syncs | $slow_produces |")
+  stop_cluster
 done
 
 {
@@ -56,9 +74,10 @@ done
   echo "$(nproc) cores, 3 release brokers on 127.0.0.1 started by \`flotilla dev\`, replication factor 3, fsync"
   echo "before every acknowledgement, 1024-byte values (half random bytes, as OpenMessaging Benchmark's"
   echo "randomBytesRatio 0.5 makes them), load generator on the same machine, ${RUNS:-3} runs of"
-  echo "15 s (after 2 s of warm-up) per shape; each cell is the range over the runs. Shapes and targets:"
-  echo "../shared/BENCH.md section 6. Broker CPU is summed over the three brokers per acknowledged message,"
-  echo "over the measured 15 s only; peak RSS is the largest broker's. B8's figures are the read. B10 runs on"
+  echo "15 s (after 2 s of warm-up) per shape, each shape on a fresh cluster (its runs on fresh topics); each"
+  echo "cell is the range over the runs. Shapes and targets: ../shared/BENCH.md section 6. Broker CPU is summed"
+  echo "over the three brokers per acknowledged message, over the measured 15 s only; peak RSS is the largest"
+  echo "broker's. B8's figures are the read. B10 runs on"
   echo "a private 3-node cluster it starts itself (so it may kill its leader), hence no broker CPU or RSS there."
   echo "B9 needs consumer groups, which are not built yet."
   echo
