@@ -77,8 +77,8 @@ done
   echo "15 s (after 2 s of warm-up) per shape, each shape on a fresh cluster (its runs on fresh topics); each"
   echo "cell is the range over the runs. Shapes and targets: ../shared/BENCH.md section 6. Broker CPU is summed"
   echo "over the three brokers per acknowledged message, over the measured 15 s only; peak RSS is the largest"
-  echo "broker's. B8's figures are the read. B10 runs on"
-  echo "a private 3-node cluster it starts itself (so it may kill its leader), hence no broker CPU or RSS there."
+  echo "broker's. B8's figures are the read. B10 runs on a private 3-node cluster it starts itself (so it may"
+  echo "kill its leader), hence no broker CPU or RSS there."
   echo "B9 needs consumer groups, which are not built yet."
   echo
   echo "| id | shape | msgs/s | MB/s | p50 ms | p99 ms | p99.9 ms | errors | broker CPU us/msg | broker peak RSS MB |"
