@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use metrics::counter;
+use metrics::{counter, gauge};
 
 use crate::broker::Broker;
 use crate::service::now_ms;
@@ -18,9 +18,12 @@ use crate::service::now_ms;
 /// How long one partition's cut may take before the pass moves on (it is retried next pass).
 const CUT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Runs retention passes until `stop` fires.
+/// Runs retention passes until `stop` fires. After each (and once at the start) the storage engine decides
+/// whether to collect the log's garbage ([`Engine::reclaim_garbage`](flotilla_raft_store::engine::Engine)):
+/// the purges of a pass are what leave garbage in the log's blob files.
 pub async fn run(broker: Arc<Broker>, mut stop: tokio::sync::watch::Receiver<bool>) {
     loop {
+        reclaim_garbage(&broker).await;
         tokio::select! {
             _ = tokio::time::sleep(broker.config.retention_check_interval) => {}
             _ = stop.changed() => return,
@@ -28,6 +31,21 @@ pub async fn run(broker: Arc<Broker>, mut stop: tokio::sync::watch::Receiver<boo
         if !pass(&broker, &mut stop).await {
             return;
         }
+    }
+}
+
+/// Lets the engine turn its garbage collection on or off (on the blocking pool: turning it rewrites
+/// RocksDB's OPTIONS file) and publishes what it found.
+async fn reclaim_garbage(broker: &Broker) {
+    let engine = broker.node.engine().clone();
+    match tokio::task::spawn_blocking(move || engine.reclaim_garbage()).await {
+        Ok(Ok(g)) => {
+            gauge!("flotilla_storage_log_blob_bytes").set(g.blob_bytes as f64);
+            gauge!("flotilla_storage_log_blob_garbage_bytes").set(g.garbage_bytes as f64);
+            gauge!("flotilla_storage_log_blob_gc_active").set(if g.collecting { 1.0 } else { 0.0 });
+        }
+        Ok(Err(e)) => tracing::warn!("could not decide on the log's garbage collection, will retry: {e}"),
+        Err(e) => tracing::warn!("the log's garbage collection decision did not finish: {e}"),
     }
 }
 

@@ -170,6 +170,39 @@ pub trait Engine: Send + Sync + 'static {
     fn write_stalls(&self) -> WriteStalls {
         WriteStalls::default()
     }
+
+    /// Decides, from how much of the stored log is garbage, whether the engine's background work should
+    /// spend effort reclaiming it (see [`LogGarbage`]); called now and then (the broker does after each
+    /// retention pass). An engine that keeps no garbage has nothing to decide.
+    fn reclaim_garbage(&self) -> Result<LogGarbage, EngineError> {
+        Ok(LogGarbage::default())
+    }
+}
+
+/// The log's payloads in blob files (entries of 4 KiB or more) and how much of them is garbage: entries
+/// purged from the log (retention, a dropped group) whose files still hold them because the same files
+/// hold live entries of other groups. Garbage collection copies the live entries of the oldest files
+/// elsewhere when compactions meet them, so those files can go; it runs only while enough of the blob
+/// bytes are garbage ([`LogGarbage::wanted`]), since in a log that only grows it would copy entries that
+/// are all live.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogGarbage {
+    /// Bytes in the log's blob files.
+    pub blob_bytes: u64,
+    /// Of those, bytes of entries no longer in the log.
+    pub garbage_bytes: u64,
+    /// Whether garbage collection is on.
+    pub collecting: bool,
+}
+
+impl LogGarbage {
+    /// Whether garbage collection should run, given whether it runs now: it starts once a quarter of the
+    /// blob bytes is garbage and stops once a tenth or less is, so that it does not flap around one
+    /// figure.
+    pub fn wanted(blob_bytes: u64, garbage_bytes: u64, collecting: bool) -> bool {
+        let (blob, garbage) = (u128::from(blob_bytes), u128::from(garbage_bytes));
+        if collecting { garbage * 10 > blob } else { blob > 0 && garbage * 4 >= blob }
+    }
 }
 
 /// Writes the engine held back because its background work fell behind, since it opened.
