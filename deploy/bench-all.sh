@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs every shape of BENCH.md (B1-B8, B6 at 5k and 20k msgs/s, B7 on 3 partitions, B7 and B2 with
-# batching producers, and B10) RUNS times (default 3), each shape on a fresh local 3-node cluster of
-# release brokers, and writes the ranges to docs/BENCHMARKS.md.
+# Runs every shape of BENCH.md (B1-B8, B6 at 5k and 20k msgs/s, B7 on 3 partitions and with a quarter of
+# its window, B7 and B2 with batching producers, and B10) RUNS times (default 3), each shape on a fresh
+# local 3-node cluster of release brokers, and writes the ranges to docs/BENCHMARKS.md.
 #   deploy/bench-all.sh              # about 30 minutes
 #   RUNS=1 SHAPES="B1 B2" deploy/bench-all.sh
 set -euo pipefail
@@ -51,7 +51,7 @@ tail_counts() {
 
 rows=()
 tails=()
-for id in ${SHAPES:-B1 B2 B3 B4 B5 B6-5k B6 B6-20k B7-3 B7 B7-batch B2-batch B8 B10}; do
+for id in ${SHAPES:-B1 B2 B3 B4 B5 B6-5k B6 B6-20k B7-3 B7 B7-64 B7-batch B2-batch B8 B10}; do
   echo "== $id" >&2
   if [ "$id" = B10 ]; then
     # B10 starts (and kills) a private cluster of its own, under this directory.

@@ -775,8 +775,8 @@ pub enum Scenario {
     Failover,
 }
 
-/// The shape of scenario `id` (B1-B8, B10; also B6-5K and B6-20K, B6 at other rates, and B7-3, B7 on 3
-/// partitions) on `topic`, measuring for `duration` after `warmup`.
+/// The shape of scenario `id` (B1-B8, B10; also B6-5K and B6-20K, B6 at other rates, B7-3, B7 on 3
+/// partitions, and B7-64, B7 with a quarter of its window) on `topic`, measuring for `duration` after `warmup`.
 pub fn scenario(
     id: &str,
     topic: &str,
@@ -822,13 +822,21 @@ pub fn scenario(
             "fixed 20,000 msgs/s, 4 producers, latency from the intended send time",
             produce(ProduceBench { producers: 4, in_flight: 64, rate: Some(20_000), ..base }),
         ),
+        // B7 is B4 over more partitions: B4's window (4 x 256), since only equal windows compare (BENCH.md's
+        // rule 2), so B4 -> B7-3 -> B7 shows what spreading one load over Raft groups buys.
         "B7" => (
-            "16 partitions, 4 producers x 64 in flight, leaders on every node",
-            produce(ProduceBench { partitions: 16, producers: 4, in_flight: 64, ..base }),
+            "16 partitions, 4 producers x 256 in flight, leaders on every node",
+            produce(ProduceBench { partitions: 16, producers: 4, in_flight: 256, ..base }),
         ),
         "B7-3" => (
-            "3 partitions, 4 producers x 64 in flight, leaders on every node",
-            produce(ProduceBench { partitions: 3, producers: 4, in_flight: 64, ..base }),
+            "3 partitions, 4 producers x 256 in flight, leaders on every node",
+            produce(ProduceBench { partitions: 3, producers: 4, in_flight: 256, ..base }),
+        ),
+        // B7 as tables before 2026-12-07 ran it: a quarter of the window, 16 requests per partition, so
+        // nearly every request of a partition rides one Raft entry and the per-entry costs show.
+        "B7-64" => (
+            "16 partitions, 4 producers x 64 in flight, leaders on every node",
+            produce(ProduceBench { partitions: 16, producers: 4, in_flight: 64, ..base }),
         ),
         // B7 as OMB runs it: its Kafka driver's producers batch (linger 1 ms), each batch to one partition.
         "B7-BATCH" => (
@@ -876,7 +884,7 @@ pub fn scenario(
             Scenario::Failover,
         ),
         other => anyhow::bail!(
-            "unknown scenario {other:?}; known: B1-B8, B2-batch, B6-5k, B6-20k, B7-3, B7-batch, B10 (B9 needs consumer groups)"
+            "unknown scenario {other:?}; known: B1-B8, B2-batch, B6-5k, B6-20k, B7-3, B7-64, B7-batch, B10 (B9 needs consumer groups)"
         ),
     })
 }
@@ -960,9 +968,10 @@ mod tests {
     #[test]
     fn every_shape_bench_all_runs_is_known_and_b9_says_why_not() {
         let d = Duration::from_secs(1);
-        for id in
-            ["B1", "B2", "B3", "B4", "B5", "B6-5k", "B6", "B6-20k", "B7-3", "B7", "B7-batch", "B2-batch", "B8", "B10"]
-        {
+        for id in [
+            "B1", "B2", "B3", "B4", "B5", "B6-5k", "B6", "B6-20k", "B7-3", "B7", "B7-64", "B7-batch", "B2-batch", "B8",
+            "B10",
+        ] {
             assert!(scenario(id, "t", d, d).is_ok(), "{id}");
         }
         let rate = |id| match scenario(id, "t", d, d) {
@@ -972,6 +981,15 @@ mod tests {
         assert_eq!(rate("b6-5k"), (Some(5_000), 1));
         assert_eq!(rate("B6-20K"), (Some(20_000), 1));
         assert_eq!(rate("B7-3"), (None, 3));
+        // B7 and B7-3 keep B4's window; B7-64 a quarter of it.
+        let window = |id| match scenario(id, "t", d, d) {
+            Ok((_, Scenario::Produce { bench, .. })) => (bench.producers * bench.in_flight, bench.partitions),
+            _ => (0, 0),
+        };
+        assert_eq!(window("B4"), (1024, 1));
+        assert_eq!(window("B7-3"), (1024, 3));
+        assert_eq!(window("B7"), (1024, 16));
+        assert_eq!(window("B7-64"), (256, 16));
         assert!(scenario("B9", "t", d, d).err().is_some_and(|e| e.to_string().contains("consumer groups")));
         assert!(scenario("B11", "t", d, d).is_err());
     }

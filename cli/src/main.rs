@@ -186,7 +186,7 @@ enum BenchCommand {
         #[arg(long, default_value = "./flotilla-data")]
         dev_data_dir: PathBuf,
     },
-    /// Run a shape of BENCH.md (B1-B8, B2-batch, B6-5k, B6-20k, B7-3, B7-batch, B10) --runs times on fresh topics;
+    /// Run a shape of BENCH.md (B1-B8, B2-batch, B6-5k, B6-20k, B7-3, B7-64, B7-batch, B10) --runs times on fresh topics;
     /// print each run and a Markdown row with the ranges (for docs/BENCHMARKS.md).
     Scenario {
         id: String,
