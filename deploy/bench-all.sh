@@ -37,16 +37,27 @@ stop_cluster() {
 }
 trap stop_cluster EXIT
 
-# The brokers' own side of a latency tail, from their metrics: fsyncs over 20 ms (storage) and produce
-# requests answered after more than 50 ms (anything at the leader), summed over the three brokers.
-tail_counts() {
-  if ! command -v curl >/dev/null; then echo "- -"; return; fi
+# From the brokers' metrics, summed over the three: the brokers' own side of a latency tail, fsyncs over
+# 20 ms (storage) and produce requests answered after more than 50 ms (anything at the leader); and how
+# much each Raft entry and each fsync carried, since per-entry costs set the one-record-per-request
+# shapes' CPU: records per entry (every entry is appended by all three replicas) and appends (one
+# group's entries at one node) per group-commit fsync.
+broker_counts() {
+  if ! command -v curl >/dev/null; then echo "- - - -"; return; fi
   for i in 0 1 2; do curl -s "http://127.0.0.1:$((mport + i))/metrics" || true; done | awk '
     /^flotilla_storage_fsync_latency_seconds_bucket\{le="0.02"\}/ { fast_syncs += $2 }
     /^flotilla_storage_fsync_latency_seconds_count/ { syncs += $2 }
     /^flotilla_produce_latency_seconds_bucket\{.*le="0.05"\}/ { fast_produces += $2 }
     /^flotilla_produce_latency_seconds_count/ { produces += $2 }
-    END { printf "%d %d\n", syncs - fast_syncs, produces - fast_produces }'
+    /^flotilla_produce_records_total[ {]/ { records += $NF }
+    /^flotilla_storage_fsync_entries_total[ {]/ { entries += $NF }
+    /^flotilla_storage_fsync_jobs_total[ {]/ { jobs += $NF }
+    /^flotilla_storage_fsyncs_total[ {]/ { fsyncs += $NF }
+    END {
+      per_entry = entries > 0 ? sprintf("%.1f", 3 * records / entries) : "-"
+      per_fsync = fsyncs > 0 ? sprintf("%.2f", jobs / fsyncs) : "-"
+      printf "%d %d %s %s\n", syncs - fast_syncs, produces - fast_produces, per_entry, per_fsync
+    }'
 }
 
 rows=()
@@ -62,8 +73,8 @@ for id in ${SHAPES:-B1 B2 B3 B4 B5 B6-5k B6 B6-20k B7-3 B7 B7-64 B7-batch B2-bat
   out=$("$bin/flotilla" bench scenario "$id" --runs "${RUNS:-3}" --dev-data-dir "$data")
   echo "$out" >&2
   rows+=("$(echo "$out" | tail -n 1)")
-  read -r slow_syncs slow_produces < <(if [ "$id" = B10 ]; then echo "- -"; else tail_counts; fi)
-  tails+=("| $id | $slow_syncs | $slow_produces |")
+  read -r slow_syncs slow_produces per_entry per_fsync < <(if [ "$id" = B10 ]; then echo "- - - -"; else broker_counts; fi)
+  tails+=("| $id | $slow_syncs | $slow_produces | $per_entry | $per_fsync |")
   stop_cluster
 done
 
@@ -85,11 +96,14 @@ done
   echo "|---|---|---|---|---|---|---|---|---|---|"
   printf '%s\n' "${rows[@]}"
   echo
-  echo "The brokers' own side of the tail, over all runs of each shape (from their metrics; B10's cluster is its"
-  echo "own): fsyncs that took over 20 ms, and produce requests a broker answered after more than 50 ms."
+  echo "From the brokers' metrics, over all runs of each shape (warm-up included; B10's cluster is its own):"
+  echo "their side of the tail, fsyncs that took over 20 ms and produce requests answered after more than"
+  echo "50 ms; and what each Raft entry and each group-commit fsync carried, records per entry (the produced"
+  echo "records over the entries each replica appended; B8 counts its fill) and appends (one partition's"
+  echo "entries at one node) per fsync. Per-entry costs set the CPU of the one-record-per-request shapes."
   echo
-  echo "| id | fsyncs > 20 ms | produce requests > 50 ms |"
-  echo "|---|---|---|"
+  echo "| id | fsyncs > 20 ms | produce requests > 50 ms | records per Raft entry | appends per fsync |"
+  echo "|---|---|---|---|---|"
   printf '%s\n' "${tails[@]}"
 } >docs/BENCHMARKS.md
 echo "wrote docs/BENCHMARKS.md" >&2
