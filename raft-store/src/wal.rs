@@ -4,6 +4,9 @@
 //! queue a [`SyncJob`] here. The syncer thread blocks for the first job, drains every job already queued,
 //! calls [`Engine::sync_wal`] once, and only then completes each job in queue order. While one fsync runs
 //! the next group of jobs gathers, so throughput follows the arrival rate rather than the fsync rate.
+//! Jobs submitted on the runtime reach the thread only once their worker has run the other tasks ready
+//! with them ([`WalSyncer::submit`]), so the appends of many groups set going by one event share an
+//! fsync even when the thread was idle (in B7, 5.2 appends per fsync against 2.0 when each woke it).
 //!
 //! Architecture Invariant: a job completes successfully only after a `sync_wal` that began after the job
 //! was queued, hence after the write it covers returned. Once a sync fails the syncer is poisoned and fails
@@ -75,8 +78,44 @@ pub struct WalSyncer {
 }
 
 struct SyncerThread {
-    tx: Option<Sender<SyncJob>>,
+    tx: Option<Sender<Vec<SyncJob>>>,
     thread: Option<JoinHandle<()>>,
+    /// Jobs submitted on a runtime thread and not yet handed to the syncer: see [`WalSyncer::submit`].
+    pending: std::sync::Mutex<Vec<SyncJob>>,
+}
+
+impl SyncerThread {
+    fn send(&self, jobs: Vec<SyncJob>) {
+        let Some(tx) = &self.tx else {
+            return fail_all(jobs);
+        };
+        if let Err(mpsc::SendError(jobs)) = tx.send(jobs) {
+            fail_all(jobs);
+        }
+    }
+
+    fn hand_off_pending(&self) {
+        let jobs = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        if !jobs.is_empty() {
+            self.send(jobs);
+        }
+    }
+}
+
+fn fail_all(jobs: Vec<SyncJob>) {
+    for job in jobs {
+        (job.done)(Err(io::Error::other("the WAL sync thread has stopped")));
+    }
+}
+
+/// Hands the pending jobs to the syncer when dropped: by the hand-off task after its one yield, or with
+/// the task if the runtime drops it unpolled (shutting down), so no job is ever left behind.
+struct HandOff(Arc<SyncerThread>);
+
+impl Drop for HandOff {
+    fn drop(&mut self) {
+        self.0.hand_off_pending();
+    }
 }
 
 impl Drop for SyncerThread {
@@ -106,17 +145,36 @@ impl WalSyncer {
                 None
             }
         };
-        Self { inner: Arc::new(SyncerThread { tx: Some(tx), thread }), stats }
+        Self {
+            inner: Arc::new(SyncerThread { tx: Some(tx), thread, pending: std::sync::Mutex::new(Vec::new()) }),
+            stats,
+        }
     }
 
     /// Queues a job; `job.done` runs on the syncer thread once the sync covering it finishes.
+    ///
+    /// On a tokio runtime the job is not handed to the syncer at once: the first job since the last
+    /// hand-off spawns a task that yields once and then hands over every job submitted meanwhile. A
+    /// yielded task runs after the tasks already ready on its worker, so the appends of every group that
+    /// one fsync, one batch of replies or one read of the sockets set going join a single fsync, and
+    /// the syncer thread is woken once for them rather than by each. Off a runtime the job goes at once.
     pub fn submit(&self, job: SyncJob) {
-        let Some(tx) = &self.inner.tx else {
-            return (job.done)(Err(io::Error::other("the WAL sync thread has stopped")));
-        };
-        if let Err(mpsc::SendError(job)) = tx.send(job) {
-            (job.done)(Err(io::Error::other("the WAL sync thread has stopped")));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let first = {
+                let mut pending = self.inner.pending.lock().unwrap_or_else(|p| p.into_inner());
+                pending.push(job);
+                pending.len() == 1
+            };
+            if first {
+                let hand_off = HandOff(self.inner.clone());
+                runtime.spawn(async move {
+                    tokio::task::yield_now().await;
+                    drop(hand_off);
+                });
+            }
+            return;
         }
+        self.inner.send(vec![job]);
     }
 
     /// Makes every earlier write durable and waits for it.
@@ -172,7 +230,7 @@ impl SlowSyncs {
     }
 }
 
-fn run(engine: Arc<dyn Engine>, rx: Receiver<SyncJob>, stats: Arc<SyncStats>) {
+fn run(engine: Arc<dyn Engine>, rx: Receiver<Vec<SyncJob>>, stats: Arc<SyncStats>) {
     let latency = metrics::histogram!(FSYNC_LATENCY_HISTOGRAM);
     let mut slow = SlowSyncs::default();
     let mut poisoned: Option<String> = None;
@@ -180,10 +238,10 @@ fn run(engine: Arc<dyn Engine>, rx: Receiver<SyncJob>, stats: Arc<SyncStats>) {
     while let Ok(first) = rx.recv() {
         // Logged once this sync's jobs are completed: a log on the stalled disk must not hold them up.
         let mut slow_line = None;
-        jobs.push(first);
+        jobs.extend(first);
         while jobs.len() < JOBS_PER_SYNC_MAX {
             match rx.try_recv() {
-                Ok(job) => jobs.push(job),
+                Ok(more) => jobs.extend(more),
                 Err(_) => break,
             }
         }
@@ -279,6 +337,68 @@ mod tests {
         assert_eq!(slow.note(Duration::from_millis(5), t0 + SLOW_SYNC_LINE_EVERY), None, "a fast one is not");
         assert_eq!(slow.note(Duration::from_millis(150), t0 + SLOW_SYNC_LINE_EVERY), Some(3), "and those between");
         assert_eq!(slow.note(Duration::from_millis(150), t0 + SLOW_SYNC_LINE_EVERY * 3), Some(1));
+    }
+
+    /// A job whose completion reports on a std channel, for callers off the runtime.
+    fn job(tx: &std::sync::mpsc::Sender<bool>) -> SyncJob {
+        let tx = tx.clone();
+        SyncJob {
+            entries: 1,
+            bytes: 1,
+            done: Box::new(move |r| {
+                let _ = tx.send(r.is_ok());
+            }),
+        }
+    }
+
+    #[test]
+    fn jobs_submitted_on_the_runtime_before_their_task_yields_share_one_sync() {
+        let engine = Arc::new(MemEngine::new());
+        let syncer = WalSyncer::start(engine.clone());
+        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        runtime.block_on(async {
+            // Several groups' appends set going by one event, before the worker moves on.
+            let mut done = Vec::new();
+            for _ in 0..5 {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                syncer.submit(SyncJob {
+                    entries: 1,
+                    bytes: 1,
+                    done: Box::new(move |r| {
+                        let _ = tx.send(r.is_ok());
+                    }),
+                });
+                done.push(rx);
+            }
+            for rx in done {
+                assert_eq!(rx.await, Ok(true));
+            }
+        });
+        let s = syncer.stats().snapshot();
+        assert_eq!((s.syncs, s.jobs), (1, 5), "one fsync for the five");
+        assert_eq!(engine.syncs(), 1);
+    }
+
+    #[test]
+    fn jobs_submitted_off_the_runtime_or_left_by_a_runtime_that_stopped_still_complete() {
+        let engine = Arc::new(MemEngine::new());
+        let syncer = WalSyncer::start(engine.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        syncer.submit(job(&tx));
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true), "off the runtime: sent at once");
+        // The hand-off task is spawned but never polled: the runtime is dropped before it runs.
+        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        runtime.block_on(async { syncer.submit(job(&tx)) });
+        drop(runtime);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true), "handed off as the runtime stopped");
+        // And a syncer dropped with a hand-off still pending completes its jobs before it goes.
+        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        runtime.block_on(async {
+            syncer.submit(job(&tx));
+        });
+        drop(syncer);
+        drop(runtime);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true), "completed after the last handle went");
     }
 
     #[tokio::test]
