@@ -70,7 +70,9 @@ impl SyncStats {
 }
 
 /// Handle to the node's syncer thread. When the last handle is dropped the thread completes every queued
-/// job and exits, and the drop waits for it, so the engine is released deterministically.
+/// job and exits, and the drop waits for it, so the engine is released deterministically; if a hand-off
+/// ([`WalSyncer::submit`]) is still on its way, its task holds the thread and does the same once it has
+/// handed its jobs over (or when its runtime drops it).
 #[derive(Clone)]
 pub struct WalSyncer {
     inner: Arc<SyncerThread>,
@@ -85,19 +87,24 @@ struct SyncerThread {
 }
 
 impl SyncerThread {
-    fn send(&self, jobs: Vec<SyncJob>) {
-        let Some(tx) = &self.tx else {
-            return fail_all(jobs);
-        };
-        if let Err(mpsc::SendError(jobs)) = tx.send(jobs) {
-            fail_all(jobs);
-        }
-    }
-
+    /// Sends every pending job to the syncer thread as one batch. The batch is taken and sent under the
+    /// lock, so batches reach the thread in the order their jobs were submitted, even when two hand-offs
+    /// run at once on different workers: jobs complete in submission order, as openraft expects of a
+    /// group's flushes. Jobs that cannot be sent fail once the lock is released.
     fn hand_off_pending(&self) {
-        let jobs = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
-        if !jobs.is_empty() {
-            self.send(jobs);
+        let unsent = {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if pending.is_empty() {
+                return;
+            }
+            let jobs = std::mem::take(&mut *pending);
+            match &self.tx {
+                Some(tx) => tx.send(jobs).err().map(|mpsc::SendError(jobs)| jobs),
+                None => Some(jobs),
+            }
+        };
+        if let Some(jobs) = unsent {
+            fail_all(jobs);
         }
     }
 }
@@ -157,24 +164,27 @@ impl WalSyncer {
     /// hand-off spawns a task that yields once and then hands over every job submitted meanwhile. A
     /// yielded task runs after the tasks already ready on its worker, so the appends of every group that
     /// one fsync, one batch of replies or one read of the sockets set going join a single fsync, and
-    /// the syncer thread is woken once for them rather than by each. Off a runtime the job goes at once.
+    /// the syncer thread is woken once for them rather than by each. Off a runtime the job goes at once,
+    /// with whatever is pending ahead of it. Either way jobs complete in the order they were submitted.
     pub fn submit(&self, job: SyncJob) {
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let first = {
-                let mut pending = self.inner.pending.lock().unwrap_or_else(|p| p.into_inner());
-                pending.push(job);
-                pending.len() == 1
-            };
-            if first {
+        let first = {
+            let mut pending = self.inner.pending.lock().unwrap_or_else(|p| p.into_inner());
+            pending.push(job);
+            pending.len() == 1
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if first => {
                 let hand_off = HandOff(self.inner.clone());
                 runtime.spawn(async move {
                     tokio::task::yield_now().await;
                     drop(hand_off);
                 });
             }
-            return;
+            // A hand-off is already on its way and takes this job too.
+            Ok(_) => {}
+            // Off a runtime: at once, behind whatever is pending.
+            Err(_) => self.inner.hand_off_pending(),
         }
-        self.inner.send(vec![job]);
     }
 
     /// Makes every earlier write durable and waits for it.
@@ -399,6 +409,55 @@ mod tests {
         drop(syncer);
         drop(runtime);
         assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true), "completed after the last handle went");
+    }
+
+    #[test]
+    fn each_submitters_jobs_complete_in_the_order_it_submitted_them() {
+        let engine = Arc::new(MemEngine::new());
+        let syncer = WalSyncer::start(engine);
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(4).build().expect("runtime");
+        let completed = Arc::new(std::sync::Mutex::new(Vec::new()));
+        const SUBMITTERS: usize = 8;
+        const JOBS: usize = 500;
+        runtime.block_on(async {
+            let mut tasks = Vec::new();
+            for submitter in 0..SUBMITTERS {
+                let (syncer, completed) = (syncer.clone(), completed.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut last = None;
+                    for seq in 0..JOBS {
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        let completed = completed.clone();
+                        syncer.submit(SyncJob {
+                            entries: 1,
+                            bytes: 1,
+                            done: Box::new(move |r| {
+                                completed.lock().expect("lock").push((submitter, seq));
+                                let _ = tx.send(r.is_ok());
+                            }),
+                        });
+                        // Several jobs in flight, some handed off together, some on their own.
+                        if seq % 7 == 0 {
+                            tokio::task::yield_now().await;
+                        }
+                        last = Some(rx);
+                    }
+                    last.expect("jobs").await
+                }));
+            }
+            for task in tasks {
+                assert_eq!(task.await.expect("task"), Ok(true));
+            }
+        });
+        // Off the runtime too, behind everything pending.
+        let (tx, rx) = std::sync::mpsc::channel();
+        syncer.submit(job(&tx));
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true));
+        let completed = completed.lock().expect("lock");
+        for submitter in 0..SUBMITTERS {
+            let order: Vec<usize> = completed.iter().filter(|(s, _)| *s == submitter).map(|(_, q)| *q).collect();
+            assert_eq!(order, (0..JOBS).collect::<Vec<_>>(), "submitter {submitter}");
+        }
     }
 
     #[tokio::test]
