@@ -974,22 +974,20 @@ mod tests {
         ] {
             assert!(scenario(id, "t", d, d).is_ok(), "{id}");
         }
-        let rate = |id| match scenario(id, "t", d, d) {
-            Ok((_, Scenario::Produce { bench, .. })) => (bench.rate, bench.partitions),
-            _ => (None, 0),
+        // Rate, partitions and window (requests in flight over all producers) of a produce shape.
+        let shape = |id| match scenario(id, "t", d, d) {
+            Ok((_, Scenario::Produce { bench, .. })) => {
+                (bench.rate, bench.partitions, bench.producers * bench.in_flight)
+            }
+            _ => (None, 0, 0),
         };
-        assert_eq!(rate("b6-5k"), (Some(5_000), 1));
-        assert_eq!(rate("B6-20K"), (Some(20_000), 1));
-        assert_eq!(rate("B7-3"), (None, 3));
+        assert_eq!(shape("b6-5k"), (Some(5_000), 1, 256));
+        assert_eq!(shape("B6-20K"), (Some(20_000), 1, 256));
         // B7 and B7-3 keep B4's window; B7-64 a quarter of it.
-        let window = |id| match scenario(id, "t", d, d) {
-            Ok((_, Scenario::Produce { bench, .. })) => (bench.producers * bench.in_flight, bench.partitions),
-            _ => (0, 0),
-        };
-        assert_eq!(window("B4"), (1024, 1));
-        assert_eq!(window("B7-3"), (1024, 3));
-        assert_eq!(window("B7"), (1024, 16));
-        assert_eq!(window("B7-64"), (256, 16));
+        assert_eq!(shape("B4"), (None, 1, 1024));
+        assert_eq!(shape("B7-3"), (None, 3, 1024));
+        assert_eq!(shape("B7"), (None, 16, 1024));
+        assert_eq!(shape("B7-64"), (None, 16, 256));
         assert!(scenario("B9", "t", d, d).err().is_some_and(|e| e.to_string().contains("consumer groups")));
         assert!(scenario("B11", "t", d, d).is_err());
     }

@@ -361,6 +361,20 @@ mod tests {
         }
     }
 
+    /// A job of one entry whose completion runs `then` and reports on the returned receiver.
+    fn awaited_job(then: impl FnOnce() + Send + 'static) -> (SyncJob, tokio::sync::oneshot::Receiver<bool>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job = SyncJob {
+            entries: 1,
+            bytes: 1,
+            done: Box::new(move |r| {
+                then();
+                let _ = tx.send(r.is_ok());
+            }),
+        };
+        (job, rx)
+    }
+
     #[test]
     fn jobs_submitted_on_the_runtime_before_their_task_yields_share_one_sync() {
         let engine = Arc::new(MemEngine::new());
@@ -370,14 +384,8 @@ mod tests {
             // Several groups' appends set going by one event, before the worker moves on.
             let mut done = Vec::new();
             for _ in 0..5 {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                syncer.submit(SyncJob {
-                    entries: 1,
-                    bytes: 1,
-                    done: Box::new(move |r| {
-                        let _ = tx.send(r.is_ok());
-                    }),
-                });
+                let (job, rx) = awaited_job(|| ());
+                syncer.submit(job);
                 done.push(rx);
             }
             for rx in done {
@@ -426,16 +434,9 @@ mod tests {
                 tasks.push(tokio::spawn(async move {
                     let mut last = None;
                     for seq in 0..JOBS {
-                        let (tx, rx) = tokio::sync::oneshot::channel();
                         let completed = completed.clone();
-                        syncer.submit(SyncJob {
-                            entries: 1,
-                            bytes: 1,
-                            done: Box::new(move |r| {
-                                completed.lock().expect("lock").push((submitter, seq));
-                                let _ = tx.send(r.is_ok());
-                            }),
-                        });
+                        let (job, rx) = awaited_job(move || completed.lock().expect("lock").push((submitter, seq)));
+                        syncer.submit(job);
                         // Several jobs in flight, some handed off together, some on their own.
                         if seq % 7 == 0 {
                             tokio::task::yield_now().await;
